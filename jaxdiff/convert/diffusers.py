@@ -1,0 +1,446 @@
+"""diffusers-format folders <-> jaxdiff parameters.
+
+A diffusers pipeline folder holds `model_index.json` and one subfolder per component (`unet/`,
+`vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`), each with
+its `config.json` and weights as safetensors: one file, an `fp16` variant, or shards listed in an
+index JSON. jaxdiff's parameter names mirror the PyTorch ones, so converting is mechanical:
+
+    flax path  down_blocks_0 / attentions_1 / proj_in / kernel
+    torch key  down_blocks.0.attentions.1.proj_in.weight      (kernel transposed)
+
+Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxdiff.models import config_io
+from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
+from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+
+
+class WeightsError(ValueError):
+    """A model folder or weights file that cannot be loaded; the message names the file and key."""
+
+
+# ----------------------------------------------------------------------------- naming
+
+# Containers whose children PyTorch numbers (`resnets.0`); Flax names them `resnets_0`.
+_NUMBERED = (
+    "down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|layers|to_out|net"
+)
+_NUMBERED_RE = re.compile(rf"^({_NUMBERED})_(\d+)$")
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict key of a flax parameter path."""
+    *modules, leaf = path
+    parts = [_NUMBERED_RE.sub(r"\1.\2", m) for m in modules]
+    return ".".join(parts + [_LEAF[leaf]])
+
+
+def to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Flax layout -> PyTorch layout: conv kernels HWIO -> OIHW, linear kernels IO -> OI."""
+    if path[-1] == "kernel":
+        if value.ndim == 4:
+            return np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+        if value.ndim == 2:
+            return np.ascontiguousarray(value.T)
+    return value
+
+
+def from_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        if value.ndim == 4:
+            return np.transpose(value, (2, 3, 1, 0))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+# ----------------------------------------------------------------------------- components
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentKind:
+    class_name: str  # the reference library's class
+    library: str  # "diffusers" or "transformers"
+    weights_name: str  # file stem of its safetensors
+    config_cls: type
+    module_cls: type
+
+
+_UNET = ComponentKind("UNet2DConditionModel", "diffusers", "diffusion_pytorch_model", UNetConfig, UNet2DConditionModel)
+_VAE = ComponentKind("AutoencoderKL", "diffusers", "diffusion_pytorch_model", VAEConfig, AutoencoderKL)
+_CLIP = ComponentKind("CLIPTextModel", "transformers", "model", CLIPTextConfig, CLIPTextModel)
+_CLIP_PROJ = ComponentKind(
+    "CLIPTextModelWithProjection", "transformers", "model", CLIPTextConfig, CLIPTextModel
+)
+KINDS = {k.class_name: k for k in (_UNET, _VAE, _CLIP, _CLIP_PROJ)}
+
+# Components jaxdiff computes with; others in a model_index.json (safety checker, feature
+# extractor, image encoder) are not loaded.
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Buffers that older transformers versions saved with the weights; they are not parameters.
+_IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
+
+
+def parse_config(kind: ComponentKind, raw: dict, where: str):
+    try:
+        if kind.library == "transformers":
+            return kind.config_cls.from_transformers(raw)
+        return kind.config_cls.from_diffusers(raw)
+    except config_io.ConfigError as e:
+        raise WeightsError(f"{where}: {e}") from None
+
+
+def config_to_dict(config) -> dict:
+    if isinstance(config, CLIPTextConfig):
+        import transformers
+
+        return {**config.to_transformers(), "transformers_version": transformers.__version__}
+    import jaxdiff
+
+    d = config.to_diffusers()
+    d["_jaxdiff_version"] = jaxdiff.__version__
+    return d
+
+
+def module_for(config, dtype=jnp.float32, param_dtype=jnp.float32):
+    """The Flax module of a component config."""
+    for kind in KINDS.values():
+        if isinstance(config, kind.config_cls):
+            return kind.module_cls(config, dtype=dtype, param_dtype=param_dtype)
+    raise TypeError(f"not a component config: {type(config).__name__}")
+
+
+def abstract_params(config, param_dtype=jnp.float32):
+    """Shapes and dtypes of a component's parameters, computed without allocating them."""
+    module = module_for(config, param_dtype=param_dtype)
+    small = _small_inputs(module)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), **small))
+    from flax import linen as nn
+
+    return nn.meta.unbox(variables["params"])
+
+
+def _small_inputs(module):
+    if isinstance(module, UNet2DConditionModel):
+        f = module.config.downsampling_factor
+        return module.dummy_inputs(1, f, f)
+    if isinstance(module, AutoencoderKL):
+        return module.dummy_inputs(1, module.config.downsampling_factor)
+    return module.dummy_inputs(1)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _find_weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
+    """The safetensors files of a component, preferring the requested variant."""
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        single = folder / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
+        index = folder / (f"{stem}.safetensors.index.{v}.json" if v else f"{stem}.safetensors.index.json")
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise WeightsError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted({folder / name for name in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise WeightsError(f"{index}: lists {f.name}, which is missing")
+            return files
+        if single.is_file():
+            return [single]
+    pickles = sorted(p for p in folder.glob("*") if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise WeightsError(pickle_refusal(pickles[0]))
+    wanted = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    raise WeightsError(f"{folder}: no {wanted} (nor a sharded index of it)")
+
+
+def pickle_refusal(path) -> str:
+    return (
+        f"{path}: is a PyTorch pickle; jaxdiff never unpickles (it can run arbitrary code). "
+        "Convert the folder to safetensors once with PyTorch: "
+        "python -c \"from diffusers import DiffusionPipeline as P; "
+        "P.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\""
+    )
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes)."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            keys = list(f.keys())
+            bf16 = [k for k in keys if f.get_slice(k).get_dtype() == "BF16"]
+            for k in keys:
+                if k not in bf16:
+                    out[k] = f.get_tensor(k)
+        if bf16:  # numpy has no bfloat16 of its own; the flax reader returns ml_dtypes arrays
+            with safe_open(str(path), framework="flax") as f:
+                for k in bf16:
+                    out[k] = np.asarray(f.get_tensor(k))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path}: unreadable safetensors file ({e}); is it truncated?") from None
+    return out
+
+
+def load_component(
+    folder, kind: ComponentKind | str | None = None, *, variant=None, param_dtype=np.float32
+):
+    """Load one model component folder: returns (config, params), params as numpy arrays."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{folder}: no config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{config_path}: not valid JSON ({e})") from None
+    if kind is None:
+        name = raw.get("_class_name") or (raw.get("architectures") or [None])[0]
+        if name not in KINDS:
+            raise WeightsError(f"{config_path}: unsupported model class {name!r}")
+        kind = KINDS[name]
+    elif isinstance(kind, str):
+        kind = KINDS[kind]
+    config = parse_config(kind, raw, str(config_path))
+    if isinstance(config, CLIPTextConfig) and config.with_projection != (
+        kind.class_name == "CLIPTextModelWithProjection"
+    ):
+        config = dataclasses.replace(
+            config, with_projection=kind.class_name == "CLIPTextModelWithProjection"
+        )
+
+    tensors, origin = {}, {}
+    for path in _find_weight_files(folder, kind.weights_name, variant):
+        for k, v in read_safetensors(path).items():
+            tensors[k] = v
+            origin[k] = path
+    params = state_dict_to_params(tensors, config, origin=origin, param_dtype=param_dtype, where=folder)
+    return config, params
+
+
+def state_dict_to_params(tensors, config, *, origin=None, param_dtype=np.float32, where=""):
+    """A PyTorch-layout state dict -> a Flax params tree; checks keys and shapes exactly."""
+    origin = origin or {}
+    abstract = traverse_util.flatten_dict(abstract_params(config))
+    tensors = {k: v for k, v in tensors.items() if not _IGNORED_KEYS.search(k)}
+    # transformers 5 saves CLIPTextModel without the `text_model.` prefix that 4.x used.
+    if isinstance(config, CLIPTextConfig) and not config.with_projection:
+        if tensors and not any(k.startswith("text_model.") for k in tensors):
+            tensors = {"text_model." + k: v for k, v in tensors.items()}
+            origin = {"text_model." + k: v for k, v in origin.items()}
+
+    def src(key):
+        return origin.get(key, where)
+
+    flat, missing = {}, []
+    for path, leaf in abstract.items():
+        key = torch_key(path)
+        if key not in tensors:
+            missing.append(key)
+            continue
+        value = from_torch_layout(path, tensors[key])
+        if tuple(value.shape) != tuple(leaf.shape):
+            expected = to_torch_layout(path, np.zeros(leaf.shape, np.int8)).shape
+            raise WeightsError(
+                f"{src(key)}: {key} has shape {tuple(tensors[key].shape)}, "
+                f"the config needs {tuple(expected)}"
+            )
+        flat[path] = np.asarray(value, dtype=param_dtype)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise WeightsError(f"{where}: missing key {', '.join(missing[:3])}{more}")
+    expected_keys = {torch_key(p) for p in abstract}
+    unexpected = sorted(k for k in tensors if k not in expected_keys)
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        raise WeightsError(
+            f"{src(unexpected[0])}: unexpected key {', '.join(unexpected[:3])}{more} "
+            "(does config.json match the weights?)"
+        )
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_state_dict(params) -> dict[str, np.ndarray]:
+    """A Flax params tree -> PyTorch-layout state dict (numpy)."""
+    from flax import linen as nn
+
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    return {torch_key(p): to_torch_layout(p, np.asarray(v)) for p, v in flat.items()}
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@dataclasses.dataclass
+class PipelineWeights:
+    """Everything of a diffusers pipeline folder that jaxdiff computes with."""
+
+    model_index: dict
+    configs: dict[str, Any]  # component name -> UNetConfig / VAEConfig / CLIPTextConfig
+    params: dict[str, Any]  # component name -> params tree (numpy arrays)
+    scheduler_config: dict
+    tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2" -> transformers CLIPTokenizer
+    path: Path | None = None
+
+    @property
+    def family(self) -> str:
+        """'sdxl' for pipelines with SDXL's size conditioning, else 'sd'."""
+        return "sdxl" if self.configs["unet"].addition_embed_type == "text_time" else "sd"
+
+
+def _check_pipeline_folder(path: Path) -> dict:
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise WeightsError(pickle_refusal(path))
+        raise WeightsError(f"{path}: is a file; jaxdiff loads diffusers-format model folders")
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise WeightsError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        model_index = json.loads(index.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{index}: not valid JSON ({e})") from None
+    if not isinstance(model_index, dict) or "unet" not in model_index:
+        raise WeightsError(f"{index}: names no unet; not a Stable Diffusion pipeline")
+    return model_index
+
+
+def load_pipeline(path, *, variant=None, param_dtype=np.float32) -> PipelineWeights:
+    """Load a diffusers-format Stable Diffusion folder (SD 1.x, 2.x, SDXL base or refiner)."""
+    path = Path(path)
+    model_index = _check_pipeline_folder(path)
+    configs, params = {}, {}
+    for name in MODEL_COMPONENTS:
+        entry = model_index.get(name)
+        if not entry or entry[0] is None or entry[1] is None:
+            continue
+        library, class_name = entry
+        if class_name not in KINDS:
+            raise WeightsError(f"{path / 'model_index.json'}: {name} is an unsupported {class_name}")
+        sub = path / name
+        if not sub.is_dir():
+            raise WeightsError(f"{path}: model_index.json names {name}, but {sub} is missing")
+        configs[name], params[name] = load_component(
+            sub, KINDS[class_name], variant=variant, param_dtype=param_dtype
+        )
+    for required in ("unet", "vae"):
+        if required not in configs:
+            raise WeightsError(f"{path}: no {required} in model_index.json")
+    scheduler_config = {}
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        try:
+            scheduler_config = json.loads(sched.read_text())
+        except ValueError as e:
+            raise WeightsError(f"{sched}: not valid JSON ({e})") from None
+    tokenizers = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        entry = model_index.get(name)
+        if entry and entry[0] is not None and (path / name).is_dir():
+            tokenizers[name] = load_tokenizer(path / name)
+    return PipelineWeights(model_index, configs, params, scheduler_config, tokenizers, path)
+
+
+def load_tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises several types for a bad folder
+        raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({e})") from None
+
+
+def save_component(folder, config, params, *, dtype=None, variant=None):
+    """Write config.json and the safetensors file that diffusers / transformers load."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    is_clip = isinstance(config, CLIPTextConfig)
+    state = params_to_state_dict(params)
+    for k, v in state.items():
+        if dtype is not None:
+            v = v.astype(dtype)
+        elif v.dtype not in (np.float32, np.float16):  # bfloat16: safetensors.numpy lacks it
+            v = v.astype(np.float32)
+        state[k] = np.ascontiguousarray(v)
+    stem = "model" if is_clip else "diffusion_pytorch_model"
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    save_file(state, str(folder / name), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+def save_pipeline(weights: PipelineWeights, out, *, overwrite: bool = False, dtype=None):
+    """Write a diffusers-format folder. It is written next to `out` and moved into place at the
+    end, so an existing folder is never left half-overwritten."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise WeightsError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        index = {"_class_name": weights.model_index.get("_class_name", "StableDiffusionPipeline")}
+        index["_diffusers_version"] = weights.model_index.get("_diffusers_version", "0.30.0")
+        for key, value in weights.model_index.items():
+            if not key.startswith("_") and not isinstance(value, list):
+                index[key] = value  # pipeline options such as force_zeros_for_empty_prompt
+        for name, config in weights.configs.items():
+            save_component(tmp / name, config, weights.params[name], dtype=dtype)
+            kind = _kind_of(config)
+            index[name] = [kind.library, kind.class_name]
+        for name, tok in weights.tokenizers.items():
+            tok.save_pretrained(str(tmp / name))
+            index[name] = ["transformers", "CLIPTokenizer"]
+        if weights.scheduler_config:
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(weights.scheduler_config, indent=2) + "\n"
+            )
+            index["scheduler"] = ["diffusers", weights.scheduler_config.get("_class_name", "PNDMScheduler")]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _kind_of(config) -> ComponentKind:
+    if isinstance(config, UNetConfig):
+        return _UNET
+    if isinstance(config, VAEConfig):
+        return _VAE
+    return _CLIP_PROJ if config.with_projection else _CLIP

@@ -1,0 +1,249 @@
+"""Building blocks shared by the UNet, the VAE and the text encoders.
+
+Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
+names (`embed`, `heads`, `mlp`, `conv_in`, `conv_out`, `norm`, `vocab`) that `jaxdiff.sharding`
+maps to mesh axes. `apply` accepts the plain (unboxed) arrays as well.
+
+Dtype policy: every module takes `dtype` (compute) and `param_dtype` (storage). Group and layer
+norms compute in float32 and hand back the compute dtype: their variance overflows or loses all
+precision in float16/bfloat16. Attention logits and softmax run in float32 inside
+`jax.nn.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axes of each parameter kind. Spatial kernel dimensions are never sharded.
+CONV_AXES = (None, None, "conv_in", "conv_out")
+
+
+def _boxed(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+    name: str | None = None,
+) -> nn.Dense:
+    """A Linear layer; `axes` names its kernel's (input, output) dimensions."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_boxed(nn.initializers.lecun_normal(), axes),
+        bias_init=_boxed(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: int | str | None = None,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str | None = None,
+) -> nn.Conv:
+    """A 2-D convolution over NHWC; padding defaults to `kernel_size // 2` (PyTorch's "same")."""
+    if padding is None:
+        padding = kernel_size // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_boxed(nn.initializers.lecun_normal(), CONV_AXES),
+        bias_init=_boxed(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over the channel (last) axis of NHWC or NTC input.
+
+    Statistics are computed in float32: the variance overflows in float16 and is too coarse in
+    bfloat16. The output is cast back to the compute dtype.
+    """
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        grouped = x32.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, computed in float32 for the same reason."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
+    """Multi-head scaled dot-product attention.
+
+    q: [B, T, heads*dim], k and v: [B, S, heads*dim] -> [B, T, heads*dim]. Goes through
+    `jax.nn.dot_product_attention`, which selects the fused cuDNN kernel on GPU where it applies
+    and computes logits and softmax in float32 everywhere.
+    """
+    b, t, inner = q.shape
+    s = k.shape[1]
+    head_dim = inner // num_heads
+    q = q.reshape(b, t, num_heads, head_dim)
+    k = k.reshape(b, s, num_heads, head_dim)
+    v = v.reshape(b, s, num_heads, head_dim)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    return out.reshape(b, t, inner)
+
+
+def activation(name: str):
+    """The activation functions diffusers and transformers configs name."""
+    acts = {
+        "silu": nn.silu,
+        "swish": nn.silu,
+        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+        "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+    }
+    if name not in acts:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(acts))}")
+    return acts[name]
+
+
+def upsample_nearest(x, size: tuple[int, int] | None = None):
+    """Nearest-neighbour upsampling of NHWC input by 2, or to `size` (PyTorch's 'nearest')."""
+    b, h, w, c = x.shape
+    if size is None or tuple(size) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    # torch's 'nearest' picks floor(out_index * in / out).
+    hi = (jnp.arange(size[0]) * h) // size[0]
+    wi = (jnp.arange(size[1]) * w) // size[1]
+    return x[:, hi][:, :, wi]
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a (possibly abstract) parameter tree."""
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(tree))
+    total = 0
+    for leaf in leaves:
+        n = 1
+        for d in leaf.shape:
+            n *= d
+        total += n
+    return total
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D: norm-act-conv twice, an optional time embedding, a skip path."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    act_fn: str = "silu"
+    time_scale_shift: str = "default"  # "default": add the embedding; "scale_shift": FiLM
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):  # x: [B, H, W, C]; temb: [B, T]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        act = activation(self.act_fn)
+        h = act(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = conv(self.out_channels, 3, name="conv1", **kw)(h)
+        scale_shift = None
+        if temb is not None:
+            width = self.out_channels * (2 if self.time_scale_shift == "scale_shift" else 1)
+            t = dense(width, ("embed", "conv_out"), name="time_emb_proj", **kw)(act(temb))
+            t = t[:, None, None, :]
+            if self.time_scale_shift == "scale_shift":
+                scale_shift = jnp.split(t, 2, axis=-1)
+            else:
+                h = h + t
+        h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
+        if scale_shift is not None:
+            h = h * (1 + scale_shift[0]) + scale_shift[1]
+        h = conv(self.out_channels, 3, name="conv2", **kw)(act(h))
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+        return (x + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """A stride-2 3x3 conv; with `padding=0` PyTorch pads only right and bottom, by one."""
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = self.padding if self.padding else ((0, 1), (0, 1))
+        return conv(
+            self.out_channels,
+            3,
+            stride=2,
+            padding=pad,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x (or to `size`, when a skip connection's size is odd) followed by a 3x3 conv."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, size=None):
+        x = upsample_nearest(x, size)
+        return conv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
