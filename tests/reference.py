@@ -71,8 +71,14 @@ CLIP_SD1 = dict(  # ViT-L-like: quick_gelu, and the legacy eos id 2 (pool at the
     pad_token_id=1,
 )
 CLIP_SD2 = dict(  # OpenCLIP-like: gelu, real eos id
-    CLIP_SD1, hidden_act="gelu", eos_token_id=999, bos_token_id=998, pad_token_id=0, hidden_size=40,
-    num_attention_heads=5, layer_norm_eps=1e-5,
+    CLIP_SD1,
+    hidden_act="gelu",
+    eos_token_id=999,
+    bos_token_id=998,
+    pad_token_id=0,
+    hidden_size=40,
+    num_attention_heads=5,
+    layer_norm_eps=1e-5,
 )
 
 

@@ -25,7 +25,7 @@ from reference import (
 from tolerances import assert_close
 
 from jaxdiff.convert import load_component
-from jaxdiff.convert.diffusers import module_for
+from jaxdiff.models.build import module_for
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,9 @@ def test_unet_matches_diffusers(tmp_path, name, config, size):
     extra, ref_extra = {}, {}
     if config.get("addition_embed_type") == "text_time":
         text_embeds = rng.standard_normal((b, 32)).astype(np.float32)
-        time_ids = np.array([[512, 512, 0, 0, 512, 512], [1024, 768, 16, 32, 1024, 1024]], np.float32)
+        time_ids = np.array(
+            [[512, 512, 0, 0, 512, 512], [1024, 768, 16, 32, 1024, 1024]], np.float32
+        )
         extra = dict(text_embeds=text_embeds, time_ids=time_ids)
         ref_extra = dict(
             added_cond_kwargs=dict(
@@ -100,7 +102,9 @@ def test_clip_matches_transformers(tmp_path, name, config, with_projection, use_
     cfg, params = load_component(tmp_path)
     assert cfg.with_projection == with_projection
     model = module_for(cfg)
-    ids = token_ids(np.random.default_rng(2), 3, 16, config["vocab_size"], 998, 999, config["pad_token_id"])
+    ids = token_ids(
+        np.random.default_rng(2), 3, 16, config["vocab_size"], 998, 999, config["pad_token_id"]
+    )
     mask = (np.arange(16)[None] <= np.argmax(ids == 999, axis=1)[:, None]).astype(np.int64)
     out = model.apply({"params": params}, ids, mask if use_mask else None)
     with torch.no_grad():
@@ -110,9 +114,11 @@ def test_clip_matches_transformers(tmp_path, name, config, with_projection, use_
             output_hidden_states=True,
         )
     assert len(out.hidden_states) == config["num_hidden_layers"] + 1
-    for i, (h, e) in enumerate(zip(out.hidden_states, expected.hidden_states)):
+    for i, (h, e) in enumerate(zip(out.hidden_states, expected.hidden_states, strict=True)):
         assert_close(h, e.numpy(), f"{name} hidden state {i}")
-    assert_close(out.last_hidden_state, expected.last_hidden_state.numpy(), f"{name} last hidden state")
+    assert_close(
+        out.last_hidden_state, expected.last_hidden_state.numpy(), f"{name} last hidden state"
+    )
     if with_projection:
         assert_close(out.text_embeds, expected.text_embeds.numpy(), f"{name} projected output")
     else:

@@ -22,12 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from jaxdiff.models import config_io
+from jaxdiff.models.build import abstract_params
 from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, VAEConfig
@@ -40,9 +39,7 @@ class WeightsError(ValueError):
 # ----------------------------------------------------------------------------- naming
 
 # Containers whose children PyTorch numbers (`resnets.0`); Flax names them `resnets_0`.
-_NUMBERED = (
-    "down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|layers|to_out|net"
-)
+_NUMBERED = "down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|layers|to_out|net"
 _NUMBERED_RE = re.compile(rf"^({_NUMBERED})_(\d+)$")
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -85,8 +82,12 @@ class ComponentKind:
     module_cls: type
 
 
-_UNET = ComponentKind("UNet2DConditionModel", "diffusers", "diffusion_pytorch_model", UNetConfig, UNet2DConditionModel)
-_VAE = ComponentKind("AutoencoderKL", "diffusers", "diffusion_pytorch_model", VAEConfig, AutoencoderKL)
+_UNET = ComponentKind(
+    "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model", UNetConfig, UNet2DConditionModel
+)
+_VAE = ComponentKind(
+    "AutoencoderKL", "diffusers", "diffusion_pytorch_model", VAEConfig, AutoencoderKL
+)
 _CLIP = ComponentKind("CLIPTextModel", "transformers", "model", CLIPTextConfig, CLIPTextModel)
 _CLIP_PROJ = ComponentKind(
     "CLIPTextModelWithProjection", "transformers", "model", CLIPTextConfig, CLIPTextModel
@@ -122,33 +123,6 @@ def config_to_dict(config) -> dict:
     return d
 
 
-def module_for(config, dtype=jnp.float32, param_dtype=jnp.float32):
-    """The Flax module of a component config."""
-    for kind in KINDS.values():
-        if isinstance(config, kind.config_cls):
-            return kind.module_cls(config, dtype=dtype, param_dtype=param_dtype)
-    raise TypeError(f"not a component config: {type(config).__name__}")
-
-
-def abstract_params(config, param_dtype=jnp.float32):
-    """Shapes and dtypes of a component's parameters, computed without allocating them."""
-    module = module_for(config, param_dtype=param_dtype)
-    small = _small_inputs(module)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), **small))
-    from flax import linen as nn
-
-    return nn.meta.unbox(variables["params"])
-
-
-def _small_inputs(module):
-    if isinstance(module, UNet2DConditionModel):
-        f = module.config.downsampling_factor
-        return module.dummy_inputs(1, f, f)
-    if isinstance(module, AutoencoderKL):
-        return module.dummy_inputs(1, module.config.downsampling_factor)
-    return module.dummy_inputs(1)
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -157,7 +131,9 @@ def _find_weight_files(folder: Path, stem: str, variant: str | None) -> list[Pat
     variants = [variant] if variant else [None, "fp16"]
     for v in variants:
         single = folder / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
-        index = folder / (f"{stem}.safetensors.index.{v}.json" if v else f"{stem}.safetensors.index.json")
+        index = folder / (
+            f"{stem}.safetensors.index.{v}.json" if v else f"{stem}.safetensors.index.json"
+        )
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -181,7 +157,7 @@ def pickle_refusal(path) -> str:
     return (
         f"{path}: is a PyTorch pickle; jaxdiff never unpickles (it can run arbitrary code). "
         "Convert the folder to safetensors once with PyTorch: "
-        "python -c \"from diffusers import DiffusionPipeline as P; "
+        'python -c "from diffusers import DiffusionPipeline as P; '
         "P.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\""
     )
 
@@ -226,20 +202,16 @@ def load_component(
         kind = KINDS[name]
     elif isinstance(kind, str):
         kind = KINDS[kind]
-    config = parse_config(kind, raw, str(config_path))
-    if isinstance(config, CLIPTextConfig) and config.with_projection != (
-        kind.class_name == "CLIPTextModelWithProjection"
-    ):
-        config = dataclasses.replace(
-            config, with_projection=kind.class_name == "CLIPTextModelWithProjection"
-        )
+    config = _fix_projection(parse_config(kind, raw, str(config_path)), kind)
 
     tensors, origin = {}, {}
     for path in _find_weight_files(folder, kind.weights_name, variant):
         for k, v in read_safetensors(path).items():
             tensors[k] = v
             origin[k] = path
-    params = state_dict_to_params(tensors, config, origin=origin, param_dtype=param_dtype, where=folder)
+    params = state_dict_to_params(
+        tensors, config, origin=origin, param_dtype=param_dtype, where=folder
+    )
     return config, params
 
 
@@ -332,6 +304,65 @@ def _check_pipeline_folder(path: Path) -> dict:
     return model_index
 
 
+def _component_entries(path: Path, model_index: dict):
+    """(name, ComponentKind) of each model component that model_index.json names."""
+    for name in MODEL_COMPONENTS:
+        entry = model_index.get(name)
+        if not entry or entry[0] is None or entry[1] is None:
+            continue
+        class_name = entry[1]
+        if class_name not in KINDS:
+            raise WeightsError(
+                f"{path / 'model_index.json'}: {name} is an unsupported {class_name}"
+            )
+        if not (path / name).is_dir():
+            raise WeightsError(
+                f"{path}: model_index.json names {name}, but {path / name} is missing"
+            )
+        yield name, KINDS[class_name]
+
+
+def read_pipeline_configs(path) -> dict[str, Any]:
+    """The component configs of a diffusers folder, without reading any weights."""
+    path = Path(path)
+    model_index = _check_pipeline_folder(path)
+    configs = {}
+    for name, kind in _component_entries(path, model_index):
+        config_path = path / name / "config.json"
+        try:
+            raw = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{config_path}: unreadable ({e})") from None
+        configs[name] = _fix_projection(parse_config(kind, raw, str(config_path)), kind)
+    return configs
+
+
+def _fix_projection(config, kind: ComponentKind):
+    """model_index.json's class decides whether a CLIP text encoder has its projection."""
+    if isinstance(config, CLIPTextConfig):
+        with_projection = kind.class_name == "CLIPTextModelWithProjection"
+        if config.with_projection != with_projection:
+            config = dataclasses.replace(config, with_projection=with_projection)
+    return config
+
+
+def random_pipeline(preset: str, seed: int = 0) -> PipelineWeights:
+    """A preset with random weights and the bundled CLIP tokenizer (for tests and benchmarks)."""
+    from jaxdiff.models.build import random_params
+    from jaxdiff.models.presets import get_preset
+    from jaxdiff.tokenizer import bundled_clip_tokenizer
+
+    p = get_preset(preset)
+    configs = p.components()
+    params = {name: random_params(cfg, seed + i) for i, (name, cfg) in enumerate(configs.items())}
+    tokenizers = {}
+    if p.text_encoder is not None:
+        tokenizers["tokenizer"] = bundled_clip_tokenizer()
+    if p.text_encoder_2 is not None:
+        tokenizers["tokenizer_2"] = bundled_clip_tokenizer()
+    return PipelineWeights(p.model_index(), configs, params, dict(p.scheduler), tokenizers)
+
+
 def load_pipeline(path, *, variant=None, param_dtype=np.float32) -> PipelineWeights:
     """Load a diffusers-format Stable Diffusion folder (SD 1.x, 2.x, SDXL base or refiner)."""
     path = Path(path)
@@ -343,7 +374,9 @@ def load_pipeline(path, *, variant=None, param_dtype=np.float32) -> PipelineWeig
             continue
         library, class_name = entry
         if class_name not in KINDS:
-            raise WeightsError(f"{path / 'model_index.json'}: {name} is an unsupported {class_name}")
+            raise WeightsError(
+                f"{path / 'model_index.json'}: {name} is an unsupported {class_name}"
+            )
         sub = path / name
         if not sub.is_dir():
             raise WeightsError(f"{path}: model_index.json names {name}, but {sub} is missing")
@@ -416,14 +449,21 @@ def save_pipeline(weights: PipelineWeights, out, *, overwrite: bool = False, dty
             kind = _kind_of(config)
             index[name] = [kind.library, kind.class_name]
         for name, tok in weights.tokenizers.items():
-            tok.save_pretrained(str(tmp / name))
+            source = Path(str(getattr(tok, "name_or_path", "")))
+            if source.is_dir() and (source / "tokenizer_config.json").is_file():
+                shutil.copytree(source, tmp / name)  # the original files, byte for byte
+            else:
+                tok.save_pretrained(str(tmp / name))
             index[name] = ["transformers", "CLIPTokenizer"]
         if weights.scheduler_config:
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(
                 json.dumps(weights.scheduler_config, indent=2) + "\n"
             )
-            index["scheduler"] = ["diffusers", weights.scheduler_config.get("_class_name", "PNDMScheduler")]
+            index["scheduler"] = [
+                "diffusers",
+                weights.scheduler_config.get("_class_name", "PNDMScheduler"),
+            ]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

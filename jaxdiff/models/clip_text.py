@@ -47,10 +47,14 @@ class CLIPTextConfig:
         raw = dict(raw)
         model_type = raw.pop("model_type", "clip_text_model")
         if model_type != "clip_text_model":
-            raise config_io.ConfigError(f"text encoder config: unsupported model_type {model_type!r}")
+            raise config_io.ConfigError(
+                f"text encoder config: unsupported model_type {model_type!r}"
+            )
         archs = raw.pop("architectures", None) or ["CLIPTextModel"]
         if archs[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-            raise config_io.ConfigError(f"text encoder config: unsupported architecture {archs[0]!r}")
+            raise config_io.ConfigError(
+                f"text encoder config: unsupported architecture {archs[0]!r}"
+            )
         raw["with_projection"] = archs[0] == "CLIPTextModelWithProjection"
         return config_io.from_dict(
             cls, raw, what="text encoder config", ignored=_generic_transformers_fields()
@@ -202,9 +206,15 @@ class CLIPEmbeddings(nn.Module):
     def __call__(self, input_ids):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        tok = _embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="token_embedding", **kw)
+        tok = _embed(
+            cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="token_embedding", **kw
+        )
         pos = _embed(
-            cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), name="position_embedding", **kw
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            (None, "embed"),
+            name="position_embedding",
+            **kw,
         )
         return tok(input_ids) + pos(jnp.arange(input_ids.shape[1]))[None]
 

@@ -92,8 +92,12 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
-        bias = self.param("bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
+        scale = self.param(
+            "scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype
+        )
+        bias = self.param(
+            "bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype
+        )
         x32 = x.astype(jnp.float32)
         grouped = x32.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         mean = grouped.mean(axis=(1, 3), keepdims=True)
@@ -113,8 +117,12 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
-        bias = self.param("bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
+        scale = self.param(
+            "scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype
+        )
+        bias = self.param(
+            "bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype
+        )
         x32 = x.astype(jnp.float32)
         mean = x32.mean(axis=-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
@@ -246,4 +254,6 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x, size=None):
         x = upsample_nearest(x, size)
-        return conv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return conv(
+            self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+        )(x)

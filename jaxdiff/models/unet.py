@@ -98,7 +98,9 @@ class UNetConfig:
             if t not in known_up:
                 raise config_io.ConfigError(f"UNet config: unsupported up block type {t!r}")
         if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
-            raise config_io.ConfigError(f"UNet config: unsupported mid block {self.mid_block_type!r}")
+            raise config_io.ConfigError(
+                f"UNet config: unsupported mid block {self.mid_block_type!r}"
+            )
         if self.addition_embed_type not in (None, "text_time"):
             raise config_io.ConfigError(
                 f"UNet config: unsupported addition_embed_type {self.addition_embed_type!r}"
@@ -223,6 +225,26 @@ class UNetConfig:
             norm_num_groups=8,
             cross_attention_dim=32,
             attention_head_dim=4,
+        )
+
+
+    @classmethod
+    def tiny_sdxl(cls) -> UNetConfig:
+        """SDXL's architecture in miniature: no attention at the top level, text_time embedding."""
+        return cls(
+            sample_size=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=64,  # two 32-wide text encoders, concatenated
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=24 + 6 * 8,  # pooled projection + 6 time ids
         )
 
 
@@ -352,7 +374,9 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + Attention(self.heads, self.head_dim, name="attn1", **kw)(LayerNorm(name="norm1", **kw)(x))
+        x = x + Attention(self.heads, self.head_dim, name="attn1", **kw)(
+            LayerNorm(name="norm1", **kw)(x)
+        )
         x = x + Attention(self.heads, self.head_dim, name="attn2", **kw)(
             LayerNorm(name="norm2", **kw)(x), context
         )
@@ -594,9 +618,9 @@ class UNet2DConditionModel(nn.Module):
             take = cfg.layers[n - 1 - i] + 1
             block_skips, skips = skips[-take:], skips[:-take]
             upsample_size = skips[-1].shape[1:3] if i < n - 1 else None
-            x = UpBlock(
-                cfg, i, block_type == "CrossAttnUpBlock2D", name=f"up_blocks_{i}", **kw
-            )(x, block_skips, emb, context, upsample_size)
+            x = UpBlock(cfg, i, block_type == "CrossAttnUpBlock2D", name=f"up_blocks_{i}", **kw)(
+                x, block_skips, emb, context, upsample_size
+            )
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
         x = activation(cfg.act_fn)(x)

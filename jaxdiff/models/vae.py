@@ -60,7 +60,9 @@ class VAEConfig:
                 f"VAE config: unsupported down_block_types {self.down_block_types!r}"
             )
         if self.up_block_types != ("UpDecoderBlock2D",) * n:
-            raise config_io.ConfigError(f"VAE config: unsupported up_block_types {self.up_block_types!r}")
+            raise config_io.ConfigError(
+                f"VAE config: unsupported up_block_types {self.up_block_types!r}"
+            )
 
     @property
     def downsampling_factor(self) -> int:
@@ -156,7 +158,12 @@ class ResnetStack(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock2D(
-                self.channels, groups=self.groups, eps=1e-6, act_fn=self.act_fn, name=f"resnets_{j}", **kw
+                self.channels,
+                groups=self.groups,
+                eps=1e-6,
+                act_fn=self.act_fn,
+                name=f"resnets_{j}",
+                **kw,
             )(x)
         if self.resample == "down":
             x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **kw)(x)
@@ -211,7 +218,12 @@ class Decoder(nn.Module):
         chans = tuple(reversed(cfg.block_out_channels))
         x = conv(chans[0], 3, name="conv_in", **kw)(z)
         x = MidBlock(
-            chans[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention, name="mid_block", **kw
+            chans[0],
+            cfg.norm_num_groups,
+            cfg.act_fn,
+            cfg.mid_block_add_attention,
+            name="mid_block",
+            **kw,
         )(x)
         for i, ch in enumerate(chans):
             x = ResnetStack(
@@ -226,7 +238,9 @@ class Decoder(nn.Module):
         x = GroupNorm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x)
         x = activation(cfg.act_fn)(x)
         # The last convolution runs in float32: SDXL's VAE overflows in float16 here.
-        return conv(cfg.out_channels, 3, name="conv_out", dtype=jnp.float32, param_dtype=self.param_dtype)(x)
+        return conv(
+            cfg.out_channels, 3, name="conv_out", dtype=jnp.float32, param_dtype=self.param_dtype
+        )(x)
 
 
 # ----------------------------------------------------------------------------- the autoencoder

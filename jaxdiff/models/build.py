@@ -1,0 +1,93 @@
+"""From a component config to its Flax module, its abstract parameters, and real ones."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
+from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+
+_MODULES = (
+    (UNetConfig, UNet2DConditionModel),
+    (VAEConfig, AutoencoderKL),
+    (CLIPTextConfig, CLIPTextModel),
+)
+
+
+def module_for(config, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
+    """The Flax module of a component config (UNet, VAE or CLIP text encoder)."""
+    for config_cls, module_cls in _MODULES:
+        if isinstance(config, config_cls):
+            return module_cls(config, dtype=dtype, param_dtype=param_dtype)
+    raise TypeError(f"not a component config: {type(config).__name__}")
+
+
+def _init_inputs(module):
+    """The smallest inputs that create every parameter."""
+    if isinstance(module, UNet2DConditionModel):
+        f = module.config.downsampling_factor
+        return module.dummy_inputs(1, f, f)
+    if isinstance(module, AutoencoderKL):
+        return module.dummy_inputs(1, module.config.downsampling_factor)
+    return module.dummy_inputs(1)
+
+
+def _init_fn(config, param_dtype):
+    module = module_for(config, param_dtype=param_dtype)
+    inputs = _init_inputs(module)
+    return lambda key: module.init(key, **inputs)["params"]
+
+
+def boxed_abstract_params(config, param_dtype=jnp.float32):
+    """Parameter shapes wrapped in `nn.Partitioned` boxes that carry logical axis names."""
+    return jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
+
+
+def abstract_params(config, param_dtype=jnp.float32):
+    """Parameter shapes and dtypes (`jax.ShapeDtypeStruct`), computed without allocating them."""
+    return nn.meta.unbox(boxed_abstract_params(config, param_dtype))
+
+
+def logical_axes(config):
+    """The logical axis names of every parameter: a tree of tuples, one name (or None) per dim."""
+    boxed = boxed_abstract_params(config)
+    return jax.tree_util.tree_map(
+        lambda leaf: tuple(leaf.names) if isinstance(leaf, nn.Partitioned) else (None,) * leaf.ndim,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
+def init_params(config, key, param_dtype=jnp.float32):
+    """Random parameters (plain arrays) with the reference libraries' layouts and names."""
+    return nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(key))
+
+
+def random_params(config, seed: int = 0, param_dtype=np.float32):
+    """Random parameters drawn on the host from the abstract shapes, without tracing the model.
+
+    Kernels ~ N(0, 1/fan_in) (LeCun normal, like `init_params`), embeddings ~ N(0, 0.02^2), norm
+    scales 1 and biases 0. Much faster than `init_params` on the CPU, where compiling the forward
+    pass that `init` runs dominates: for tests, benchmarks and `jaxdiff init`.
+    """
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(abstract_params(config))
+    out = {}
+    for path, leaf in flat.items():
+        kind = path[-1]
+        if kind == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+        elif kind == "embedding":
+            value = 0.02 * rng.standard_normal(leaf.shape, np.float32)
+        elif kind == "scale":
+            value = np.ones(leaf.shape, np.float32)
+        else:
+            value = np.zeros(leaf.shape, np.float32)
+        out[path] = value.astype(param_dtype)
+    return traverse_util.unflatten_dict(out)
