@@ -4,6 +4,7 @@ Each reference model is tiny and random, saved with `save_pretrained`, loaded by
 loader, and run on the same inputs.
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -123,3 +124,23 @@ def test_clip_matches_transformers(tmp_path, name, config, with_projection, use_
         assert_close(out.text_embeds, expected.text_embeds.numpy(), f"{name} projected output")
     else:
         assert_close(out.pooler_output, expected.pooler_output.numpy(), f"{name} pooled output")
+
+
+@pytest.mark.slow
+def test_full_size_sd15_unet_matches_diffusers(tmp_path):
+    """The real SD 1.5 UNet (859,520,964 parameters), random weights, at a 64x64 latent."""
+    from jaxdiff.models.unet import UNetConfig
+
+    config = UNetConfig.sd15().to_diffusers()
+    ref = diffusers_unet({k: v for k, v in config.items() if not k.startswith("_")})
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_component(tmp_path)
+    assert cfg == UNetConfig.sd15()
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((1, 64, 64, 4)).astype(np.float32)
+    t = np.array([421.0], np.float32)
+    ctx = rng.standard_normal((1, 77, 768)).astype(np.float32)
+    out = jax.jit(module_for(cfg).apply)({"params": params}, sample, t, ctx)
+    with torch.no_grad():
+        expected = ref(nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+    assert_close(out, nhwc(expected), "SD 1.5 UNet noise prediction")

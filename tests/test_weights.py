@@ -82,7 +82,10 @@ def test_export_loads_in_diffusers_and_transformers(tiny_sdxl_folder):
     assert_close(ours, nhwc(theirs), "exported VAE decoder")
 
     ids = np.array([[49406, 320, 1125, 49407] + [49407] * 73], np.int64)
-    for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+    for name, cls in (
+        ("text_encoder", CLIPTextModel),
+        ("text_encoder_2", CLIPTextModelWithProjection),
+    ):
         ref = cls.from_pretrained(out / name).eval()
         ours = module_for(weights.configs[name]).apply({"params": p[name]}, ids)
         with torch.no_grad():
@@ -151,7 +154,9 @@ def test_missing_key_is_named(vae_folder):
 
 
 def test_unexpected_key_is_named(vae_folder):
-    path = _rewrite(vae_folder, lambda t: t.update({"decoder.extra.weight": np.zeros(3, np.float32)}))
+    path = _rewrite(
+        vae_folder, lambda t: t.update({"decoder.extra.weight": np.zeros(3, np.float32)})
+    )
     err = _error(vae_folder)
     assert "unexpected key decoder.extra.weight" in err and str(path) in err
 

@@ -23,3 +23,25 @@ def assert_close(actual, expected, what=""):
         f"{what}: max abs err {err.max():.3g} (at {worst}: {actual[worst]!r} vs {expected[worst]!r}); "
         f"tolerance {FLOAT32_ATOL} + {FLOAT32_RTOL}*|ref|"
     )
+
+# Statistical tests of the stochastic samplers (tests/test_samplers.py): 16384 samples drawn
+# with the exact denoiser of a N(0.5, 0.8^2) target in 50 steps. Allowed |error| of the sample
+# mean and of the sample standard deviation: 5 Monte-Carlo standard errors (0.8 / sqrt(16384)
+# = 0.006 for the mean, 0.0044 for the std) plus the discretization bias of a first-order
+# ancestral sampler at 50 steps (it shrinks the std by ~2.6 / steps: 0.052 measured for Euler
+# ancestral and DDPM). A missing, doubled or mis-scaled noise term is off by far more.
+SAMPLER_MOMENT_ATOL = 0.08
+
+# Reduced precision, checked against a float32 (or float64) reference rather than PyTorch.
+# bfloat16 keeps 8 significant bits (rounding 2^-9 = 0.2% per operation); over the ~40
+# layers of a tiny UNet the relative L2 error of the output grows to 1.4-1.6% (three seeds
+# measured). Twice that leaves room for other seeds, while a layer that silently ran in the
+# wrong precision or was skipped is off by far more.
+BF16_RTOL = 0.03
+# float16 output of values near 1: a unit in the last place is 2^-10 ~ 1e-3.
+FLOAT16_ATOL = 2e-3
+
+# A bf16 model inside float32 sampler math (tests/test_samplers.py) vs the all-float32 run:
+# bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2% per cast), and the model input and
+# output are cast at each of 8 steps; 2% relative bounds that accumulation.
+BF16_MODEL_RTOL = 2e-2

@@ -227,7 +227,6 @@ class UNetConfig:
             attention_head_dim=4,
         )
 
-
     @classmethod
     def tiny_sdxl(cls) -> UNetConfig:
         """SDXL's architecture in miniature: no attention at the top level, text_time embedding."""

@@ -1,0 +1,146 @@
+"""Presets, parameter counts, logical axes and the dtype policy of jaxdiff's models."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from tolerances import BF16_RTOL, FLOAT16_ATOL
+
+from jaxdiff.cli import main
+from jaxdiff.convert.diffusers import config_to_dict
+from jaxdiff.models.build import abstract_params, logical_axes, module_for, random_params
+from jaxdiff.models.clip_text import CLIPTextConfig
+from jaxdiff.models.layers import count_params
+from jaxdiff.models.presets import PRESETS
+from jaxdiff.models.unet import UNetConfig
+from jaxdiff.models.vae import VAEConfig
+from jaxdiff.tokenizer import bundled_clip_tokenizer, tokenize
+
+# The counts of the released checkpoints (diffusers' and transformers' `num_parameters()`).
+RELEASED_COUNTS = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    "sdxl": {
+        "unet": 2_567_463_684,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 694_659_840,
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED_COUNTS))
+def test_params_command_prints_released_counts(preset, capsys):
+    assert main(["params", "--preset", preset]) == 0
+    assert json.loads(capsys.readouterr().out) == RELEASED_COUNTS[preset]
+
+
+def _reference_count(name, config) -> int:
+    """Build the PyTorch model from jaxdiff's exported config on the meta device and count."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    d = config_to_dict(config)
+    with torch.device("meta"):
+        if isinstance(config, UNetConfig):
+            model = UNet2DConditionModel.from_config(d)
+        elif isinstance(config, VAEConfig):
+            model = AutoencoderKL.from_config(d)
+        else:
+            cls = CLIPTextModelWithProjection if config.with_projection else CLIPTextModel
+            model = cls(HFConfig(**{k: v for k, v in d.items() if k != "architectures"}))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_matches_the_reference_architecture(preset):
+    for name, config in PRESETS[preset].components().items():
+        assert count_params(abstract_params(config)) == _reference_count(name, config), name
+
+
+def test_config_round_trips_through_diffusers_json():
+    for preset in PRESETS.values():
+        for config in preset.components().values():
+            d = json.loads(json.dumps(config_to_dict(config)))
+            if isinstance(config, CLIPTextConfig):
+                assert CLIPTextConfig.from_transformers(d) == config
+            else:
+                assert type(config).from_diffusers(d) == config
+
+
+KNOWN_AXES = {None, "embed", "heads", "mlp", "conv_in", "conv_out", "norm", "vocab"}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_every_parameter_has_logical_axes(preset):
+    for name, config in PRESETS[preset].components().items():
+        axes = traverse_util.flatten_dict(
+            logical_axes(config), is_leaf=lambda _, x: isinstance(x, tuple)
+        )
+        shapes = traverse_util.flatten_dict(abstract_params(config))
+        assert axes.keys() == shapes.keys()
+        for path, names in axes.items():
+            assert len(names) == len(shapes[path].shape), path
+            assert set(names) <= KNOWN_AXES, (path, names)
+            assert any(n is not None for n in names), f"{name}: {'/'.join(path)} has no named axis"
+            if path[-1] == "kernel" and len(names) == 4:
+                assert names == (None, None, "conv_in", "conv_out")
+
+
+def test_bfloat16_compute_keeps_float32_where_it_matters():
+    cfg = PRESETS["tiny"].unet
+    params = random_params(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    t = np.array([10.0, 900.0], np.float32)
+    f32 = module_for(cfg).apply({"params": params}, x, t, ctx)
+    bf16_model = module_for(cfg, dtype=jnp.bfloat16)
+    bf16 = bf16_model.apply({"params": params}, x, t, ctx)
+    assert bf16.dtype == jnp.bfloat16
+    rel = np.linalg.norm(np.asarray(bf16, np.float32) - f32) / np.linalg.norm(f32)
+    assert rel < BF16_RTOL, rel
+
+    # Storage in bfloat16 is separate from compute.
+    half_params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+    out = module_for(cfg, dtype=jnp.float32, param_dtype=jnp.bfloat16).apply(
+        {"params": half_params}, x, t, ctx
+    )
+    assert out.dtype == jnp.float32
+
+    # The VAE decoder hands back float32 pixels even when it computes in bfloat16.
+    vcfg = PRESETS["tiny"].vae
+    vae = module_for(vcfg, dtype=jnp.bfloat16)
+    img = vae.apply(
+        {"params": random_params(vcfg)}, np.zeros((1, 4, 4, 4), np.float32), method=vae.decode
+    )
+    assert img.dtype == jnp.float32
+
+
+def test_group_norm_survives_activations_that_overflow_float16():
+    from jaxdiff.models.layers import GroupNorm
+
+    x = jnp.full((1, 4, 4, 8), 300.0, jnp.float16) + jnp.arange(8, dtype=jnp.float16)
+    gn = GroupNorm(2, 1e-6, dtype=jnp.float16)
+    y = gn.apply(gn.init(jax.random.key(0), x), x)
+    # The sum of squares is ~1.4e6, beyond float16's 65504: a float16 variance would be inf.
+    assert y.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(y)))
+    g = np.asarray(x, np.float64).reshape(1, 16, 2, 4)
+    ref = (
+        (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+    ).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=FLOAT16_ATOL)
+
+
+def test_bundled_tokenizer_matches_clip_ids():
+    tok = bundled_clip_tokenizer()
+    ids = tokenize(tok, ["a photo of a cat", "x " * 100])
+    assert ids.shape == (2, 77) and ids.dtype == np.int32
+    # OpenAI CLIP's ids for these words; padding with <|endoftext|>, truncation keeps the EOS.
+    np.testing.assert_array_equal(ids[0, :8], [49406, 320, 1125, 539, 320, 2368, 49407, 49407])
+    assert ids[1, -1] == 49407 and ids[1, 0] == 49406
