@@ -61,6 +61,194 @@ def cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_samplers(args) -> None:
+    from jaxdiff.samplers import describe
+
+    names = describe()
+    width = max(len(n) for n, _ in names)
+    for name, text in names:
+        print(f"{name:<{width}}  {text}")
+
+
+def _add_generation_flags(s, *, image: bool = False) -> None:
+    s.add_argument("prompt")
+    s.add_argument(
+        "--model", default=None, help="a diffusers-format folder (default: the bundled model)"
+    )
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; SDXL 5)")
+    s.add_argument("--guidance-rescale", type=float, default=0.0)
+    s.add_argument(
+        "--sampler", default=None, help="see `jaxdiff samplers` (default: the model's scheduler)"
+    )
+    s.add_argument("--sigmas", choices=["default", "karras", "exponential"], default=None)
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
+    s.add_argument("--clip-skip", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    if not image:
+        s.add_argument("--width", type=int, default=None)
+        s.add_argument("--height", type=int, default=None)
+        s.add_argument("--latents", default=None, help="initial noise .npy, (batch, C, H/f, W/f)")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--output-type", choices=["png", "npy"], default="png")
+    s.add_argument("--out", default=None, help="output path (default out.png / out.npy)")
+    s.add_argument("--force", action="store_true", help="overwrite existing output files")
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="compute dtype (default bfloat16 on GPU/TPU, float32 on CPU)",
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _generation_kwargs(args) -> dict:
+    kw = dict(
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        sampler=args.sampler,
+        sigmas=args.sigmas,
+        eta=args.eta,
+        clip_skip=args.clip_skip,
+        seed=args.seed,
+        batch=args.batch,
+        progress=not args.no_progress,
+    )
+    for name in ("width", "height", "latents"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    return kw
+
+
+def _check_inputs(args) -> None:
+    """Input checks that need no model, done before anything is loaded or written."""
+    from pathlib import Path
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.sampler is not None:
+        from jaxdiff.samplers import SAMPLERS
+
+        if args.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {args.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise UsageError(f"--strength must be in [0, 1], got {strength}")
+    for name in ("image", "mask", "latents"):
+        value = getattr(args, name, None)
+        if value is not None and not Path(value).is_file():
+            raise UsageError(f"--{name} {value}: no such file")
+
+
+def _outputs(args) -> list:
+    from jaxdiff.pipelines.images import output_paths
+
+    suffix = "." + args.output_type
+    out = args.out or f"out{suffix}"
+    if args.output_type == "npy":
+        paths = output_paths(out, 1, suffix)
+    else:
+        paths = output_paths(out, args.batch, suffix)
+        if args.batch > 1:
+            paths.append(paths[0].with_name(paths[0].name.rsplit("-", 1)[0] + "-grid.png"))
+    if not args.force:
+        for p in paths:
+            if p.exists():
+                raise UsageError(f"{p} already exists (pass --force to overwrite)")
+    return paths
+
+
+def _pipeline(args):
+    import jax
+
+    from jaxdiff import compilation_cache
+    from jaxdiff.pipelines import load
+
+    compilation_cache.enable()
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return load(args.model, dtype=dtype)
+
+
+def _write(args, result, paths) -> None:
+    from jaxdiff.pipelines.images import grid, save_npy, save_png
+
+    if args.output_type == "npy":
+        save_npy(paths[0], result.images)
+    else:
+        for i, image in enumerate(result.images):
+            save_png(paths[i], image, result.parameters[i])
+        if len(result.images) > 1:
+            save_png(paths[-1], grid(result.images), result.parameters[0])
+    for p in paths:
+        print(f"wrote {p}")
+
+
+def _run_generation(args, call) -> None:
+    from jaxdiff.pipelines import PipelineInputError
+    from jaxdiff.pipelines.images import ImageInputError
+
+    _check_inputs(args)
+    paths = _outputs(args)
+    try:
+        pipe = _pipeline(args)
+        result = call(pipe)
+    except (PipelineInputError, ImageInputError) as e:
+        raise UsageError(str(e)) from None
+    _write(args, result, paths)
+
+
+def cmd_generate(args) -> None:
+    _run_generation(args, lambda pipe: pipe.generate(args.prompt, **_generation_kwargs(args)))
+
+
+def cmd_img2img(args) -> None:
+    _run_generation(
+        args,
+        lambda pipe: pipe.img2img(
+            args.prompt, args.image, strength=args.strength, **_generation_kwargs(args)
+        ),
+    )
+
+
+def cmd_inpaint(args) -> None:
+    _run_generation(
+        args,
+        lambda pipe: pipe.inpaint(
+            args.prompt, args.image, args.mask, strength=args.strength, **_generation_kwargs(args)
+        ),
+    )
+
+
+def cmd_outpaint(args) -> None:
+    try:
+        extend = tuple(int(v) for v in args.extend.split(","))
+    except ValueError:
+        extend = ()
+    if len(extend) != 4:
+        raise UsageError(f"--extend takes LEFT,TOP,RIGHT,BOTTOM pixel counts, got {args.extend!r}")
+    _run_generation(
+        args,
+        lambda pipe: pipe.outpaint(args.prompt, args.image, extend, **_generation_kwargs(args)),
+    )
+
+
+def cmd_interpolate(args) -> None:
+    def call(pipe):
+        kw = _generation_kwargs(args)
+        kw.pop("batch")
+        return pipe.interpolate(
+            args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames, **kw
+        )
+
+    args.batch = args.frames
+    _run_generation(args, call)
+
+
 def _np_dtype(name):
     import numpy as np
 
@@ -99,6 +287,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "float16"], default=None)
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("samplers", help="list the samplers, one per line")
+    s.set_defaults(fn=cmd_samplers)
+
+    s = sub.add_parser("generate", help="text-to-image")
+    _add_generation_flags(s)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("img2img", help="image-to-image")
+    _add_generation_flags(s, image=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--strength", type=float, required=True, help="0 keeps the image, 1 ignores it")
+    s.set_defaults(fn=cmd_img2img)
+
+    s = sub.add_parser("inpaint", help="repaint the white area of a mask")
+    _add_generation_flags(s, image=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--mask", required=True, help="white = repaint, black = keep; the image's size")
+    s.add_argument("--strength", type=float, default=1.0)
+    s.set_defaults(fn=cmd_inpaint)
+
+    s = sub.add_parser("outpaint", help="extend the canvas and paint the new area")
+    _add_generation_flags(s, image=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--extend", required=True, help="LEFT,TOP,RIGHT,BOTTOM in pixels")
+    s.set_defaults(fn=cmd_outpaint)
+
+    s = sub.add_parser("interpolate", help="frames between two seeds and/or two prompts (slerp)")
+    _add_generation_flags(s)
+    s.add_argument(
+        "--to-prompt", default=None, help="the prompt of the last frame (default: PROMPT)"
+    )
+    s.add_argument(
+        "--to-seed", type=int, default=None, help="the seed of the last frame (default: --seed + 1)"
+    )
+    s.add_argument("--frames", type=int, default=8)
+    s.set_defaults(fn=cmd_interpolate)
     return p
 
 

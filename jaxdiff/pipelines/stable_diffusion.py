@@ -1,0 +1,688 @@
+"""Text-to-image, image-to-image and inpainting for SD 1.x, 2.x and SDXL as one jitted function.
+
+`denoise(params, inputs, plan, static)` is pure: it encodes the prompts, draws each image's noise
+from its own seed, runs the sampler's `lax.scan` with classifier-free guidance around the UNet,
+and decodes with the VAE. Everything that varies between calls without changing shapes (seeds,
+guidance scale, prompts, images, strength's noise) is an array argument, so only the batch, the
+size, the step count and the sampler recompile. The host-side `StableDiffusion` object tokenizes,
+validates, places the batch on every device (`jax.sharding`) and turns arrays into files.
+
+Image i of a batch depends only on its seed, `seed + i` (A1111's convention), never on the batch
+size or the device count: re-running one image alone with `seed + i` gives it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff import samplers
+from jaxdiff.convert.diffusers import PipelineWeights, load_pipeline
+from jaxdiff.models.build import module_for
+from jaxdiff.models.clip_text import CLIPTextConfig
+from jaxdiff.models.unet import UNetConfig
+from jaxdiff.models.vae import VAEConfig, scale_latents, unscale_latents
+from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl, sdxl_time_ids
+from jaxdiff.schedules import ScheduleConfig
+from jaxdiff.tokenizer import tokenize
+
+# The sampler each diffusers scheduler class stands for: a folder's own scheduler is the default.
+SAMPLER_OF_SCHEDULER = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "plms",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "dpm2",
+    "KDPM2AncestralDiscreteScheduler": "dpm2_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+}
+
+
+class PipelineInputError(ValueError):
+    """Bad input to a pipeline (a size, a strength, a mask); the message says which."""
+
+
+# ----------------------------------------------------------------------------- the jitted core
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What selects the computation (and the compiled program) beyond array shapes."""
+
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: CLIPTextConfig | None
+    text_encoder_2: CLIPTextConfig | None
+    mode: str  # "text2img", "img2img" or "inpaint"
+    guidance: bool  # classifier-free guidance: the UNet sees [negative; positive]
+    zero_negative: bool  # SDXL's force_zeros_for_empty_prompt: zero negative embeddings
+    clip_skip: int | None
+    dtype: str  # compute dtype of every model
+    latent_shape: tuple[int, int, int] = (0, 0, 0)  # [h, w, C] of the latents
+    from_noise: bool = True  # start from pure noise (text2img, inpainting at strength 1)
+    run_sampler: bool = True  # False when img2img's strength leaves no step (strength 0)
+    decode: bool = True  # False returns latents (an SDXL base stage before the refiner)
+    progress: bool = False  # a host callback per model evaluation, for the progress bar
+
+    @property
+    def sdxl(self) -> bool:
+        return self.unet.addition_embed_type == "text_time"
+
+
+def encode_prompts(params, static: Static, ids, ids_2=None):
+    """Token ids -> (context [B, T, D], pooled [B, P] or None) in the compute dtype."""
+    dtype = jnp.dtype(static.dtype)
+    if static.sdxl:
+        encoders = [
+            None if static.text_encoder is None else (params["text_encoder"], static.text_encoder),
+            (params["text_encoder_2"], static.text_encoder_2),
+        ]
+        return encode_sdxl(encoders, [ids, ids_2], clip_skip=static.clip_skip, dtype=dtype)
+    ctx = encode_sd(
+        params["text_encoder"], static.text_encoder, ids, clip_skip=static.clip_skip, dtype=dtype
+    )
+    return ctx, None
+
+
+def _image_keys(seeds):
+    """One key per image from its own seed, split into (initial noise, VAE sampling, sampler)."""
+    keys = jax.vmap(jax.random.key)(seeds)
+    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    return split[:, 0], split[:, 1], split[:, 2]
+
+
+def _normal_per_image(keys, shape, dtype=jnp.float32):
+    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+
+
+def _encode_images(params, static: Static, images, keys):
+    """Pixels in [-1, 1] -> the diffusion model's latents, sampled from the posterior per image."""
+    vae = module_for(static.vae, dtype=jnp.dtype(static.dtype))
+    posterior = vae.apply({"params": params["vae"]}, images, method=vae.encode)
+    eps = _normal_per_image(keys, posterior.mean.shape[1:])
+    latents = posterior.mean + jnp.exp(0.5 * posterior.logvar) * eps
+    return scale_latents(static.vae, latents)
+
+
+def _progress_tick():
+    from jaxdiff.pipelines import progress
+
+    progress.tick()
+
+
+def denoise(params, inputs: dict, plan, static: Static):
+    """The whole generation as one pure function; see the module docstring.
+
+    inputs (B = batch):
+        seeds [B] uint32; ids [B, T] and ids_2 (SDXL) int32, or context [B, T, D] / pooled [B, P]
+        given directly (latent interpolation); neg_ids / neg_ids_2 or neg_context / neg_pooled
+        with guidance; time_ids / neg_time_ids [B, 5 or 6] (SDXL); guidance, guidance_rescale,
+        eta scalars; latents [B, h, w, C] optional initial noise (N(0, I), before the schedule's
+        scaling); image [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1] in {0, 1},
+        1 = repaint (inpaint).
+    Returns images [B, H, W, 3] float32 in [0, 1], or latents with `static.decode` False.
+    """
+    dtype = jnp.dtype(static.dtype)
+    unet = module_for(static.unet, dtype=dtype)
+    init_keys, enc_keys, step_keys = _image_keys(inputs["seeds"])
+
+    if "context" in inputs:
+        ctx, pooled = inputs["context"], inputs.get("pooled")
+    else:
+        ctx, pooled = encode_prompts(params, static, inputs["ids"], inputs.get("ids_2"))
+    time_ids = inputs.get("time_ids")
+    if static.guidance:
+        if static.zero_negative:
+            neg_ctx = jnp.zeros_like(ctx)
+            neg_pooled = None if pooled is None else jnp.zeros_like(pooled)
+        elif "neg_context" in inputs:
+            neg_ctx, neg_pooled = inputs["neg_context"], inputs.get("neg_pooled")
+        else:
+            neg_ctx, neg_pooled = encode_prompts(
+                params, static, inputs["neg_ids"], inputs.get("neg_ids_2")
+            )
+        ctx = jnp.concatenate([neg_ctx, ctx])
+        if pooled is not None:
+            pooled = jnp.concatenate([neg_pooled, pooled])
+        if time_ids is not None:
+            time_ids = jnp.concatenate([inputs["neg_time_ids"], time_ids])
+
+    latent_shape = static.latent_shape
+    if "latents" in inputs:
+        noise = inputs["latents"].astype(jnp.float32)
+    else:
+        noise = _normal_per_image(init_keys, latent_shape)
+
+    image_latents = mask_latents = masked_image_latents = None
+    if static.mode in ("img2img", "inpaint"):
+        image = inputs["image"].astype(jnp.float32)
+        if static.mode == "inpaint":
+            mask = inputs["mask"].astype(jnp.float32)
+            # diffusers: F.interpolate(mask, size=latent size), nearest neighbour.
+            hh, ww = mask.shape[1:3]
+            rows = (jnp.arange(latent_shape[0]) * hh) // latent_shape[0]
+            cols = (jnp.arange(latent_shape[1]) * ww) // latent_shape[1]
+            mask_latents = mask[:, rows][:, :, cols]
+            if static.unet.in_channels == 9:
+                masked_image_latents = _encode_images(
+                    params, static, image * (mask < 0.5), enc_keys
+                )
+        image_latents = _encode_images(params, static, image, enc_keys)
+
+    def model_fn(x, t):  # x: [B, h, w, C] scaled as diffusers feeds its UNet
+        if static.progress:
+            jax.debug.callback(_progress_tick)
+        if masked_image_latents is not None:  # 9-channel inpainting UNet
+            x = jnp.concatenate(
+                [x, mask_latents.astype(x.dtype), masked_image_latents.astype(x.dtype)], -1
+            )
+        if static.guidance:
+            x = jnp.concatenate([x, x])
+        extra = {}
+        if static.sdxl:
+            extra = dict(text_embeds=pooled, time_ids=time_ids)
+        out = unet.apply({"params": params["unet"]}, x, t, ctx, **extra).astype(jnp.float32)
+        if not static.guidance:
+            return out
+        uncond, cond = jnp.split(out, 2)
+        guided = uncond + inputs["guidance"] * (cond - uncond)
+        # Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 16.
+        axes = tuple(range(1, guided.ndim))
+        std_cond = jnp.std(cond, axis=axes, keepdims=True)
+        std_guided = jnp.std(guided, axis=axes, keepdims=True)
+        rescaled = guided * (std_cond / std_guided)
+        r = inputs["guidance_rescale"]
+        return r * rescaled + (1.0 - r) * guided
+
+    if static.from_noise:
+        x_T = samplers.init_noise_sigma(plan) * noise
+    else:
+        x_T = samplers.img2img_latents(plan, image_latents, noise)
+
+    if not static.run_sampler:
+        latents = image_latents
+    else:
+        post_step = None
+        if static.mode == "inpaint" and static.unet.in_channels != 9:
+            # Ordinary UNets inpaint by putting the known region back, re-noised to the next
+            # step's noise level, after every step (diffusers' StableDiffusionInpaintPipeline).
+            def post_step(x, index):
+                known = samplers.renoise(plan, index, image_latents, noise)
+                return (1.0 - mask_latents) * known + mask_latents * x
+
+        latents = samplers.sample(
+            model_fn,
+            x_T,
+            plan,
+            key=step_keys,
+            eta=inputs["eta"] if plan.sampler == "ddim" else 0.0,
+            post_step=post_step,
+        )
+    if not static.decode:
+        return latents
+    vae = module_for(static.vae, dtype=dtype)
+    images = vae.apply(
+        {"params": params["vae"]}, unscale_latents(static.vae, latents), method=vae.decode
+    )
+    return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+
+
+_denoise_jit = jax.jit(denoise, static_argnames=("static",))
+_encode_jit = jax.jit(encode_prompts, static_argnums=(1,))
+
+
+@jax.jit
+def _initial_noise_impl(seeds, zeros):
+    init_keys, _, _ = _image_keys(seeds)
+    return _normal_per_image(init_keys, zeros.shape)
+
+
+def _initial_noise(seeds, shape):
+    """The N(0, I) initial latents `denoise` draws for these seeds: [len(seeds), *shape]."""
+    return _initial_noise_impl(seeds, np.zeros(shape, np.float32))
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Spherical interpolation between two arrays at each t in [0, 1]: [len(t), *a.shape].
+
+    Gaussian noise lives near a sphere; a straight line between two samples passes through
+    lower-norm points that the model never saw (Shoemake 1985; White 2016, "Sampling
+    Generative Networks").
+    """
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    cos = np.dot(a64, b64) / (np.linalg.norm(a64) * np.linalg.norm(b64))
+    theta = np.arccos(np.clip(cos, -1.0, 1.0))
+    t = np.asarray(t, np.float64)[:, None]
+    if theta < 1e-4:  # nearly parallel: the straight line is the arc
+        out = (1 - t) * a64 + t * b64
+    else:
+        out = (np.sin((1 - t) * theta) * a64 + np.sin(t * theta) * b64) / np.sin(theta)
+    return out.reshape((len(t), *a.shape)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the host side
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: np.ndarray  # [B, H, W, 3] float32 in [0, 1]
+    parameters: list[dict]  # per image: prompt, negative prompt, steps, sampler, seed, ...
+
+    def pil(self) -> list:
+        from PIL import Image
+
+        from jaxdiff.pipelines.images import to_uint8
+
+        return [Image.fromarray(im) for im in to_uint8(self.images)]
+
+
+class StableDiffusion:
+    """A loaded SD 1.x / 2.x / SDXL model, its parameters placed on every local device.
+
+    Parameters are replicated over a one-axis ("data") mesh of all devices and batches are split
+    over it; `shard_params=True` shards the parameters too (FSDP-style), for models that do not
+    fit one device.
+    """
+
+    def __init__(
+        self, weights: PipelineWeights, *, dtype="float32", shard_params: bool = False, name=None
+    ):
+        self.weights = weights
+        self.configs = weights.configs
+        self.dtype = jnp.dtype(dtype).name
+        self.name = name or (weights.path.name if weights.path else "jaxdiff")
+        self.schedule = ScheduleConfig.from_diffusers(weights.scheduler_config or {})
+        self.default_sampler = SAMPLER_OF_SCHEDULER.get(
+            weights.scheduler_config.get("_class_name"), "euler"
+        )
+        self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.params = _place_params(weights.params, self.mesh, shard_params)
+        for name in ("tokenizer", "tokenizer_2"):
+            if (
+                name.replace("tokenizer", "text_encoder") in self.configs
+                and name not in weights.tokenizers
+            ):
+                raise PipelineInputError(f"{weights.path}: no {name}/ folder for its text encoder")
+        self.tokenizers = weights.tokenizers
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def family(self) -> str:
+        return self.weights.family
+
+    @property
+    def factor(self) -> int:
+        return self.configs["vae"].downsampling_factor
+
+    @property
+    def native_size(self) -> int:
+        return self.configs["unet"].sample_size * self.factor
+
+    @property
+    def is_refiner(self) -> bool:
+        return "text_encoder" not in self.configs and "text_encoder_2" in self.configs
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompt, **kw) -> GenerationResult:
+        """Text-to-image. See `_run` for the options."""
+        return self._run("text2img", prompt, **kw)
+
+    def img2img(self, prompt, image, *, strength: float = 0.8, **kw) -> GenerationResult:
+        """Image-to-image: `image` float [H, W, 3] in [0, 1] (or a path); `strength` in [0, 1]."""
+        return self._run("img2img", prompt, image=image, strength=strength, **kw)
+
+    def inpaint(self, prompt, image, mask, *, strength: float = 1.0, **kw) -> GenerationResult:
+        """Repaint where `mask` (float [H, W] or [H, W, 1], or a path; white = repaint) is set."""
+        return self._run("inpaint", prompt, image=image, mask=mask, strength=strength, **kw)
+
+    def outpaint(self, prompt, image, extend, **kw) -> GenerationResult:
+        """Extend the canvas by (left, top, right, bottom) pixels and paint the new area."""
+        from jaxdiff.pipelines.images import read_image
+
+        image = (
+            read_image(image) if isinstance(image, (str, Path)) else np.asarray(image, np.float32)
+        )
+        canvas, mask = extend_canvas(image, extend, self.factor)
+        return self._run("inpaint", prompt, image=canvas, mask=mask, strength=1.0, **kw)
+
+    def interpolate(
+        self, prompt, *, to_prompt=None, seed: int = 0, to_seed=None, frames: int = 8, **kw
+    ) -> GenerationResult:
+        """Frames between (prompt, seed) and (to_prompt, to_seed): both the initial noise and the
+        prompt embeddings are interpolated spherically. Frame 0 is `generate(prompt, seed=seed)`."""
+        if frames < 2:
+            raise PipelineInputError(f"frames must be >= 2, got {frames}")
+        to_seed = seed + 1 if to_seed is None else to_seed
+        to_prompt = prompt if to_prompt is None else to_prompt
+        f = self.factor
+        height = kw.pop("height", None) or self.native_size
+        width = kw.pop("width", None) or self.native_size
+        kw.pop("latents", None)
+        if height % f or width % f:
+            raise PipelineInputError(
+                f"size {width}x{height} is not a multiple of the model's factor {f}"
+            )
+        shape = (height // f, width // f, self.configs["vae"].latent_channels)
+        ends = np.asarray(_initial_noise(np.array([seed, to_seed], np.uint32), shape))
+        t = np.linspace(0.0, 1.0, frames)
+        noise = slerp(ends[0], ends[1], t)  # [F, h, w, C]
+        ids = {}
+        self._tokenize_into(ids, "", [prompt, to_prompt])
+        static = self._static(
+            "text2img", guidance=False, zero_negative=False, clip_skip=kw.get("clip_skip")
+        )
+        ctx, pooled = _encode_jit(self.params, static, ids["ids"], ids.get("ids_2"))
+        context = {"context": slerp(np.asarray(ctx[0]), np.asarray(ctx[1]), t)}
+        if pooled is not None:
+            context["pooled"] = slerp(np.asarray(pooled[0]), np.asarray(pooled[1]), t)
+        result = self._run(
+            "text2img",
+            [prompt] * frames,
+            seed=seed,
+            width=width,
+            height=height,
+            latents=np.transpose(noise, (0, 3, 1, 2)),
+            context=context,
+            **kw,
+        )
+        for i, p in enumerate(result.parameters):
+            p["prompt"] = prompt if prompt == to_prompt else f"{prompt} -> {to_prompt}"
+            p["interpolation"] = f"frame {i + 1}/{frames}, seeds {seed} -> {to_seed}, t={t[i]:.3f}"
+        return result
+
+    def _static(self, mode, **kw) -> Static:
+        return Static(
+            unet=self.configs["unet"],
+            vae=self.configs["vae"],
+            text_encoder=self.configs.get("text_encoder"),
+            text_encoder_2=self.configs.get("text_encoder_2"),
+            mode=mode,
+            dtype=self.dtype,
+            **kw,
+        )
+
+    # ------------------------------------------------------------------ the work
+
+    def _run(
+        self,
+        mode,
+        prompt,
+        *,
+        negative_prompt=None,
+        steps: int = 50,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        sigmas: str | None = None,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+        latents=None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        eta: float = 0.0,
+        image=None,
+        mask=None,
+        strength: float | None = None,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        progress: bool = False,
+        context=None,
+    ) -> GenerationResult:
+        from jaxdiff.pipelines.images import binarize_mask, read_image
+
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str) or prompt is None:
+            prompts = [prompt or ""] * batch
+        b = len(prompts)
+        if b < 1:
+            raise PipelineInputError("batch must be >= 1")
+        guidance = (5.0 if self.family == "sdxl" else 7.5) if guidance is None else float(guidance)
+        sampler = sampler or self.default_sampler
+        if sampler not in samplers.SAMPLERS:
+            raise PipelineInputError(
+                f"unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}"
+            )
+        if steps < 1:
+            raise PipelineInputError(f"steps must be >= 1, got {steps}")
+        if clip_skip is not None and clip_skip < 0:
+            raise PipelineInputError(f"clip_skip must be >= 0, got {clip_skip}")
+
+        inputs: dict[str, Any] = {}
+        if image is not None:
+            image = (
+                read_image(image)
+                if isinstance(image, (str, Path))
+                else np.asarray(image, np.float32)
+            )
+            if image.ndim != 3 or image.shape[-1] != 3:
+                raise PipelineInputError(f"image must be [H, W, 3], got shape {image.shape}")
+            height, width = image.shape[:2]
+        height = height or self.native_size
+        width = width or self.native_size
+        f = self.factor
+        if height % f or width % f:
+            raise PipelineInputError(
+                f"size {width}x{height} is not a multiple of the model's factor {f}"
+            )
+        if image is not None:
+            inputs["image"] = np.broadcast_to(image * 2.0 - 1.0, (b, *image.shape)).astype(
+                np.float32
+            )
+        if mask is not None:
+            mask = (
+                read_image(mask, mode="L")
+                if isinstance(mask, (str, Path))
+                else np.asarray(mask, np.float32)
+            )
+            mask = mask[..., None] if mask.ndim == 2 else mask
+            if mask.shape[:2] != (height, width):
+                raise PipelineInputError(
+                    f"mask is {mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}: they must match"
+                )
+            inputs["mask"] = np.broadcast_to(
+                binarize_mask(mask[..., :1]), (b, height, width, 1)
+            ).astype(np.float32)
+
+        latent_shape = (height // f, width // f, self.configs["vae"].latent_channels)
+        if latents is not None:
+            latents = np.load(latents) if isinstance(latents, (str, Path)) else np.asarray(latents)
+            expected = (b, latent_shape[2], latent_shape[0], latent_shape[1])
+            if latents.shape != expected:
+                raise PipelineInputError(
+                    f"latents have shape {latents.shape}, expected {expected} (NCHW)"
+                )
+            inputs["latents"] = np.transpose(latents, (0, 2, 3, 1)).astype(np.float32)
+
+        run_sampler = True
+        plan_strength = None
+        if mode == "img2img" or (mode == "inpaint" and strength is not None and strength < 1.0):
+            if strength is None or not 0.0 <= strength <= 1.0:
+                raise PipelineInputError(f"strength must be in [0, 1], got {strength}")
+            plan_strength = strength
+            if int(steps * strength) == 0:
+                run_sampler = False
+        if mode == "inpaint" and (strength is None or not 0.0 <= strength <= 1.0):
+            raise PipelineInputError(f"strength must be in [0, 1], got {strength}")
+        try:
+            plan = samplers.make_plan(
+                self.schedule,
+                sampler,
+                steps,
+                sigmas=sigmas,
+                strength=plan_strength if run_sampler else None,
+            )
+        except (ValueError, NotImplementedError) as e:
+            raise PipelineInputError(str(e)) from None
+
+        do_cfg = guidance > 1.0 and self.configs["unet"].time_cond_proj_dim is None
+        zero_negative = bool(
+            self.family == "sdxl"
+            and negative_prompt is None
+            and self.weights.model_index.get(
+                "force_zeros_for_empty_prompt", self.family == "sdxl" and not self.is_refiner
+            )
+        )
+        negs = (
+            [negative_prompt or ""] * b
+            if isinstance(negative_prompt, (str, type(None)))
+            else list(negative_prompt)
+        )
+        if len(negs) != b:
+            raise PipelineInputError(f"{len(negs)} negative prompts for {b} prompts")
+
+        if context is not None:
+            inputs.update(context)
+        else:
+            self._tokenize_into(inputs, "", prompts)
+            if do_cfg and not zero_negative:
+                self._tokenize_into(inputs, "neg_", negs)
+        if self.family == "sdxl":
+            osize = tuple(original_size or (height, width))
+            tsize = tuple(target_size or (height, width))
+            crops = tuple(crops_coords_top_left)
+            if self.is_refiner:
+                inputs["time_ids"] = sdxl_time_ids(
+                    b,
+                    original_size=osize,
+                    crops_coords_top_left=crops,
+                    aesthetic_score=aesthetic_score,
+                )
+                inputs["neg_time_ids"] = sdxl_time_ids(
+                    b,
+                    original_size=osize,
+                    crops_coords_top_left=crops,
+                    aesthetic_score=negative_aesthetic_score,
+                )
+            else:
+                inputs["time_ids"] = sdxl_time_ids(
+                    b, original_size=osize, crops_coords_top_left=crops, target_size=tsize
+                )
+                inputs["neg_time_ids"] = inputs["time_ids"]
+        inputs["seeds"] = (np.uint64(seed) + np.arange(b, dtype=np.uint64)).astype(np.uint32)
+        inputs["guidance"] = np.float32(guidance)
+        inputs["guidance_rescale"] = np.float32(guidance_rescale)
+        inputs["eta"] = np.float32(eta)
+
+        static = self._static(
+            mode,
+            guidance=do_cfg,
+            zero_negative=zero_negative,
+            clip_skip=clip_skip or None,
+            latent_shape=latent_shape,
+            from_noise=mode == "text2img" or (mode == "inpaint" and strength >= 1.0),
+            run_sampler=run_sampler,
+            progress=progress,
+        )
+        images = self._call(inputs, plan, static, b, progress)
+        params = [
+            dict(
+                prompt=prompts[i],
+                negative_prompt=negs[i] if negative_prompt is not None else None,
+                steps=steps,
+                sampler=sampler,
+                sigmas=sigmas or "default",
+                guidance=guidance,
+                seed=int(inputs["seeds"][i]),
+                size=f"{width}x{height}",
+                model=self.name,
+                strength=strength if mode != "text2img" else None,
+            )
+            for i in range(b)
+        ]
+        return GenerationResult(images, params)
+
+    def _tokenize_into(self, inputs, prefix, prompts):
+        if "tokenizer" in self.tokenizers and "text_encoder" in self.configs:
+            inputs[prefix + "ids"] = tokenize(self.tokenizers["tokenizer"], prompts)
+        if "text_encoder_2" in self.configs:
+            inputs[prefix + "ids_2"] = tokenize(self.tokenizers["tokenizer_2"], prompts)
+            if "text_encoder" not in self.configs:  # the refiner: its only encoder is the second
+                inputs[prefix + "ids"] = inputs[prefix + "ids_2"]
+
+    def _call(self, inputs, plan, static, b, progress):
+        """Pad the batch to a multiple of the device count, shard it, run, un-pad."""
+        n = self.mesh.devices.size
+        padded = -(-b // n) * n
+        batched, scalars = {}, {}
+        for k, v in inputs.items():
+            v = np.asarray(v)
+            if v.ndim >= 1 and v.shape[0] == b:
+                if k == "seeds":
+                    extra = (np.uint64(v[-1]) + 1 + np.arange(padded - b, dtype=np.uint64)).astype(
+                        np.uint32
+                    )
+                else:
+                    extra = np.repeat(v[-1:], padded - b, axis=0)
+                batched[k] = np.concatenate([v, extra]) if padded > b else v
+            else:
+                scalars[k] = v
+        data = NamedSharding(self.mesh, PartitionSpec("data"))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        args = {k: jax.device_put(v, data) for k, v in batched.items()}
+        args.update({k: jax.device_put(v, replicated) for k, v in scalars.items()})
+        plan = jax.device_put(plan, replicated)
+        from jaxdiff.pipelines import progress as progress_bar
+
+        with progress_bar.bar(enabled=progress, devices=n, total=_model_calls(plan)):
+            out = _denoise_jit(self.params, args, plan, static)
+            out = np.asarray(jax.device_get(out))
+        return out[:b]
+
+
+def _model_calls(plan) -> int:
+    spec = samplers.get_sampler(plan.sampler)
+    return plan.num_steps * getattr(spec, "model_calls", 1)
+
+
+def _place_params(params, mesh: Mesh, shard: bool):
+    if not shard:
+        return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    from jaxdiff.sharding import fsdp_shardings  # noqa: PLC0415
+
+    return jax.device_put(params, fsdp_shardings(params, mesh, axis="data"))
+
+
+def extend_canvas(image: np.ndarray, extend, factor: int):
+    """Outpainting: a larger canvas (new area filled with the nearest edge pixels) and its mask."""
+    left, top, right, bottom = (int(v) for v in extend)
+    if min(left, top, right, bottom) < 0 or left + top + right + bottom == 0:
+        raise PipelineInputError(
+            f"--extend needs four non-negative pixel counts, not all zero: {extend}"
+        )
+    h, w = image.shape[:2]
+    new_h, new_w = h + top + bottom, w + left + right
+    if new_h % factor or new_w % factor:
+        raise PipelineInputError(
+            f"the extended canvas {new_w}x{new_h} is not a multiple of the model's factor {factor}"
+        )
+    canvas = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.ones((new_h, new_w, 1), np.float32)
+    mask[top : top + h, left : left + w] = 0.0
+    return canvas, mask
+
+
+def load(path=None, *, dtype="float32", variant=None, shard_params=False) -> StableDiffusion:
+    """Load a diffusers-format folder (SD 1.x, 2.x, SDXL); None loads the bundled model."""
+    if path is None:
+        from jaxdiff.pipelines.bundled import bundled_model_dir
+
+        path = bundled_model_dir()
+    weights = load_pipeline(path, variant=variant)
+    return StableDiffusion(weights, dtype=dtype, shard_params=shard_params, name=Path(path).name)
