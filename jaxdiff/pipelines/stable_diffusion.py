@@ -296,7 +296,13 @@ class StableDiffusion:
     """
 
     def __init__(
-        self, weights: PipelineWeights, *, dtype="float32", shard_params: bool = False, name=None
+        self,
+        weights: PipelineWeights,
+        *,
+        dtype="float32",
+        shard_params: bool = False,
+        name=None,
+        devices=None,
     ):
         self.weights = weights
         self.configs = weights.configs
@@ -306,7 +312,7 @@ class StableDiffusion:
         self.default_sampler = SAMPLER_OF_SCHEDULER.get(
             weights.scheduler_config.get("_class_name"), "euler"
         )
-        self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.mesh = Mesh(np.array(devices or jax.devices()), ("data",))
         self.params = _place_params(weights.params, self.mesh, shard_params)
         for name in ("tokenizer", "tokenizer_2"):
             if (
@@ -547,12 +553,12 @@ class StableDiffusion:
         if len(negs) != b:
             raise PipelineInputError(f"{len(negs)} negative prompts for {b} prompts")
 
-        if context is not None:
+        if context is not None:  # embeddings given (interpolation)
             inputs.update(context)
         else:
             self._tokenize_into(inputs, "", prompts)
-            if do_cfg and not zero_negative:
-                self._tokenize_into(inputs, "neg_", negs)
+        if do_cfg and not zero_negative and "neg_context" not in inputs:
+            self._tokenize_into(inputs, "neg_", negs)
         if self.family == "sdxl":
             osize = tuple(original_size or (height, width))
             tsize = tuple(target_size or (height, width))

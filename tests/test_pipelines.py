@@ -1,0 +1,283 @@
+"""Pipeline properties: determinism, sharding, compilation, img2img, inpainting, the CLI."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from tolerances import assert_close
+
+from jaxdiff.cli import main
+from jaxdiff.convert import save_pipeline
+from jaxdiff.convert.diffusers import random_pipeline
+from jaxdiff.pipelines import StableDiffusion
+from jaxdiff.pipelines.stable_diffusion import _denoise_jit, denoise, extend_canvas, slerp
+
+KW = dict(steps=3, sampler="euler", progress=False)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_pipeline("tiny", seed=5)
+
+
+@pytest.fixture(scope="module")
+def pipe(weights):
+    return StableDiffusion(weights)
+
+
+@pytest.fixture(scope="module")
+def model_dir(weights, tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_pipeline(weights, path)
+    return path
+
+
+def test_image_depends_only_on_its_seed(pipe):
+    batch = pipe.generate("a red circle", seed=10, batch=3, **KW)
+    alone = pipe.generate("a red circle", seed=12, batch=1, **KW)
+    assert [p["seed"] for p in batch.parameters] == [10, 11, 12]
+    assert_close(batch.images[2], alone.images[0], "image 2 of a batch vs the same seed alone")
+    assert np.abs(batch.images[0] - batch.images[1]).max() > 0.05  # different seeds differ
+
+
+def test_one_device_and_eight_devices_agree(weights, pipe):
+    assert pipe.mesh.devices.size == 8
+    single = StableDiffusion(weights, devices=jax.devices()[:1])
+    a = pipe.generate("a blue square", seed=3, batch=2, **KW)
+    b = single.generate("a blue square", seed=3, batch=2, **KW)
+    assert_close(a.images, b.images, "8-device vs 1-device batch")
+
+
+def test_seed_guidance_and_prompt_do_not_recompile(pipe):
+    pipe.generate("warm up", seed=0, **KW)
+    before = _denoise_jit._cache_size()
+    pipe.generate("another prompt", seed=1, guidance=3.0, negative_prompt="dark", **KW)
+    pipe.generate("a third one", seed=2, guidance=9.0, **KW)
+    assert _denoise_jit._cache_size() == before
+    pipe.generate("a third one", seed=2, guidance=9.0, steps=4, sampler="euler", progress=False)
+    assert _denoise_jit._cache_size() == before + 1  # a step count is a shape: it compiles
+
+
+def test_negative_prompt_and_guidance_change_the_image(pipe):
+    base = pipe.generate("a red circle", seed=4, **KW).images
+    neg = pipe.generate("a red circle", seed=4, negative_prompt="blue", **KW).images
+    low = pipe.generate("a red circle", seed=4, guidance=2.0, **KW).images
+    assert np.abs(base - neg).max() > 1e-3 and np.abs(base - low).max() > 1e-3
+
+
+def _denoise_latents(pipe, mode, **kw):
+    """Run a pipeline with decoding off: its "images" are then the final latents."""
+    import dataclasses
+
+    import jaxdiff.pipelines.stable_diffusion as sd
+
+    def latents_only(params, inputs, plan, static):
+        return denoise(params, inputs, plan, dataclasses.replace(static, decode=False))
+
+    original = sd._denoise_jit
+    sd._denoise_jit = jax.jit(latents_only, static_argnames=("static",))
+    try:
+        return getattr(pipe, mode)(**kw).images
+    finally:
+        sd._denoise_jit = original
+
+
+def test_inpainting_keeps_the_unmasked_region(pipe):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    mask = np.zeros((32, 32), np.float32)
+    mask[8:24, 8:24] = 1.0  # repaint the middle
+    latents = _denoise_latents(pipe, "inpaint", prompt="x", image=image, mask=mask, seed=1, **KW)
+    # The known latents, encoded exactly as the pipeline encodes them (same per-image key).
+    reference = _denoise_latents(
+        pipe, "img2img", prompt="x", image=image, strength=0.0, seed=1, **KW
+    )
+    keep = np.ones((16, 16), bool)
+    keep[4:12, 4:12] = False
+    np.testing.assert_array_equal(latents[:, keep], reference[:, keep])
+    assert np.abs(latents[:, ~keep] - reference[:, ~keep]).max() > 0.1  # the middle was repainted
+
+
+def test_img2img_strength_zero_is_the_vae_round_trip(pipe):
+    from jaxdiff.models.build import module_for
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    out = pipe.img2img("x", image, strength=0.0, seed=7, **KW).images
+    latents = _denoise_latents(pipe, "img2img", prompt="x", image=image, strength=0.0, seed=7, **KW)
+    vae_cfg = pipe.configs["vae"]
+    vae = module_for(vae_cfg)
+    decoded = vae.apply(
+        {"params": pipe.weights.params["vae"]}, latents / vae_cfg.scaling_factor, method=vae.decode
+    )
+    assert_close(out, np.clip(np.asarray(decoded) / 2 + 0.5, 0, 1), "strength 0")
+    partial = pipe.img2img("x", image, strength=0.6, seed=7, **KW).images
+    assert np.abs(partial - out).max() > 1e-3
+
+
+def test_outpaint_canvas_and_mask():
+    image = np.random.default_rng(2).uniform(0, 1, (8, 6, 3)).astype(np.float32)
+    canvas, mask = extend_canvas(image, (2, 0, 4, 4), factor=2)
+    assert canvas.shape == (12, 12, 3) and mask.shape == (12, 12, 1)
+    np.testing.assert_array_equal(canvas[0:8, 2:8], image)
+    assert mask[0:8, 2:8].sum() == 0 and mask.sum() == 12 * 12 - 8 * 6
+    np.testing.assert_array_equal(canvas[:8, 0], image[:, 0])  # edge pixels fill the new area
+
+
+def test_slerp_ends_and_norm():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    frames = slerp(a, b, np.linspace(0, 1, 5))
+    np.testing.assert_allclose(frames[0], a, atol=1e-6)
+    np.testing.assert_allclose(frames[-1], b, atol=1e-6)
+    mid_norm = np.linalg.norm(frames[2])
+    assert mid_norm > 0.95 * min(np.linalg.norm(a), np.linalg.norm(b))  # no dip towards zero
+
+
+def test_interpolation_first_frame_is_the_plain_image(pipe):
+    frames = pipe.interpolate("a red circle", to_prompt="a blue square", seed=5, frames=3, **KW)
+    plain = pipe.generate("a red circle", seed=5, **KW)
+    assert frames.images.shape[0] == 3
+    assert_close(frames.images[0], plain.images[0], "frame 0")
+    assert np.abs(frames.images[2] - plain.images[0]).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_pngs_with_parameters_and_a_grid(tmp_path, model_dir):
+    out = tmp_path / "img.png"
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(model_dir),
+        "--steps",
+        "3",
+        "--sampler",
+        "euler",
+        "--batch",
+        "2",
+        "--seed",
+        "9",
+        "--negative-prompt",
+        "blue",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["img-0.png", "img-1.png", "img-grid.png"]
+    with Image.open(tmp_path / "img-1.png") as im:
+        text = im.text["parameters"]
+        assert im.size == (32, 32)
+    assert text.startswith("a red circle\nNegative prompt: blue\n")
+    assert (
+        "Steps: 3" in text
+        and "Sampler: euler" in text
+        and "Seed: 10" in text
+        and "Size: 32x32" in text
+    )
+    with Image.open(tmp_path / "img-grid.png") as im:
+        assert im.size == (64, 32)
+    assert main(argv) == 2  # refuses to overwrite without --force
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--width", "33"], "not a multiple of the model's factor 2"),
+        (["--sampler", "nope"], "unknown sampler 'nope'"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--sigmas", "weird"], "invalid choice: 'weird'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, extra, message):
+    out = tmp_path / "x.png"
+    code = main(
+        ["generate", "p", "--model", str(model_dir), "--out", str(out), "--no-progress", *extra]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_images_and_folders(tmp_path, model_dir, capsys):
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
+    cases = [
+        (
+            ["img2img", "p", "--image", str(image), "--strength", "1.5"],
+            "--strength must be in [0, 1]",
+        ),
+        (["inpaint", "p", "--image", str(image), "--mask", str(mask)], "they must match"),
+        (
+            ["img2img", "p", "--image", str(tmp_path / "none.png"), "--strength", "0.5"],
+            "no such file",
+        ),
+        (["outpaint", "p", "--image", str(image), "--extend", "1,2"], "LEFT,TOP,RIGHT,BOTTOM"),
+        (["outpaint", "p", "--image", str(image), "--extend", "1,0,0,0"], "not a multiple"),
+    ]
+    for argv, message in cases:
+        code = main(
+            [*argv, "--model", str(model_dir), "--out", str(tmp_path / "o.png"), "--no-progress"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    code = main(["generate", "p", "--model", str(tmp_path), "--out", str(tmp_path / "o.png")])
+    assert code == 2 and "not a diffusers pipeline folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "mask.png"]
+
+
+def test_cli_npy_output_and_latents_layout(tmp_path, model_dir, pipe):
+    noise = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    out = tmp_path / "out.npy"
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(model_dir),
+        "--steps",
+        "3",
+        "--sampler",
+        "euler",
+        "--batch",
+        "2",
+        "--latents",
+        str(tmp_path / "noise.npy"),
+        "--output-type",
+        "npy",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    images = np.load(out)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    again = pipe.generate("a red circle", latents=noise, batch=2, **KW).images
+    assert_close(images, again, "CLI vs API with the same latents")
+    np.save(tmp_path / "bad.npy", noise[:, :, :8])
+    argv[argv.index(str(tmp_path / "noise.npy"))] = str(tmp_path / "bad.npy")
+    argv[argv.index(str(out))] = str(tmp_path / "other.npy")
+    assert main(argv) == 2 and not (tmp_path / "other.npy").exists()
+
+
+def test_samplers_command_lists_every_sampler(capsys):
+    from jaxdiff.samplers import SAMPLERS
+
+    assert main(["samplers"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(SAMPLERS)
+    assert len(lines) == 15 and all(len(line.split()) > 1 for line in lines)
+
+
+def test_model_index_flags_are_kept(model_dir):
+    index = json.loads((model_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
