@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--frames", type=int, default=8)
     s.set_defaults(fn=cmd_interpolate)
+
+    from jaxdiff.data.cli import register as register_data
+
+    register_data(sub)
     return p
 
 
@@ -338,6 +342,11 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `jaxdiff samplers | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

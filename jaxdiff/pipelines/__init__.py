@@ -4,7 +4,14 @@ from jaxdiff.pipelines.stable_diffusion import (
     GenerationResult,
     PipelineInputError,
     StableDiffusion,
+    generate_fn_for_model,
     load,
 )
 
-__all__ = ["GenerationResult", "PipelineInputError", "StableDiffusion", "load"]
+__all__ = [
+    "GenerationResult",
+    "PipelineInputError",
+    "StableDiffusion",
+    "generate_fn_for_model",
+    "load",
+]

@@ -692,3 +692,20 @@ def load(path=None, *, dtype="float32", variant=None, shard_params=False) -> Sta
         path = bundled_model_dir()
     weights = load_pipeline(path, variant=variant)
     return StableDiffusion(weights, dtype=dtype, shard_params=shard_params, name=Path(path).name)
+
+
+def generate_fn_for_model(
+    path, *, steps: int = 30, guidance: float | None = None, sampler=None, seed: int = 0
+):
+    """A `prompts -> uint8 images [N, H, W, 3]` function over a model folder (for evaluators)."""
+    from jaxdiff.pipelines.images import to_uint8
+
+    pipe = load(path)
+
+    def generate(prompts):
+        result = pipe.generate(
+            list(prompts), steps=steps, guidance=guidance, sampler=sampler, seed=seed
+        )
+        return to_uint8(result.images)
+
+    return generate

@@ -1,0 +1,1 @@
+"""Training data: the procedural captioned "shapes" dataset (`jaxdiff.data.shapes`)."""

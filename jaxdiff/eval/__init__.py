@@ -1,0 +1,1 @@
+"""Evaluation of generated images: the "shapes" analyzer and scorer (`jaxdiff.eval.shapes`)."""
