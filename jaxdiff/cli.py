@@ -203,7 +203,19 @@ def _run_generation(args, call) -> None:
 
 
 def cmd_generate(args) -> None:
-    _run_generation(args, lambda pipe: pipe.generate(args.prompt, **_generation_kwargs(args)))
+    def call(pipe):
+        kw = _generation_kwargs(args)
+        if args.refiner:
+            from jaxdiff.pipelines import load
+
+            kw.update(
+                refiner=load(args.refiner, dtype=pipe.dtype), refiner_switch=args.refiner_switch
+            )
+        return pipe.generate(args.prompt, **kw)
+
+    if args.refiner and not 0.0 < args.refiner_switch < 1.0:
+        raise UsageError(f"--refiner-switch must be in (0, 1), got {args.refiner_switch}")
+    _run_generation(args, call)
 
 
 def cmd_img2img(args) -> None:
@@ -293,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="text-to-image")
     _add_generation_flags(s)
+    s.add_argument("--refiner", default=None, help="an SDXL refiner folder that finishes the image")
+    s.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=0.8,
+        help="the fraction of the schedule the base model runs",
+    )
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("img2img", help="image-to-image")

@@ -915,6 +915,8 @@ def make_plan(
     steps: int,
     sigmas: str | None = None,
     strength: float | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ) -> SamplingPlan:
     """Builds the per-step arrays of `sampler` for `steps` steps (host side, numpy).
 
@@ -922,6 +924,8 @@ def make_plan(
         use_exponential_sigmas.
     strength: img2img strength in [0, 1]; None (text2img) runs every step. The plan then starts
         where diffusers' StableDiffusionImg2ImgPipeline.get_timesteps starts.
+    denoising_end / denoising_start: the fraction of the schedule where an SDXL base stage stops
+        and its refiner stage starts (diffusers' arguments of the same names).
     """
     spec = get_sampler(sampler)
     cfg = config.resolve(spec.defaults_class)
@@ -946,12 +950,19 @@ def make_plan(
     begin = 0 if strength is None else schedules.img2img_t_start(steps, strength)
     if begin >= steps:
         raise ValueError(f"strength={strength} leaves no step to run with steps={steps}")
+    if denoising_start is not None:
+        # An SDXL refiner stage: only the steps below the cutoff, as diffusers' img2img
+        # get_timesteps(denoising_start=...) (a fresh scheduler whose begin index is set there).
+        full_ts = spec.build(cfg, steps, sigmas, 0)[0]
+        begin = len(full_ts) - int(np.sum(full_ts < _cutoff(cfg, denoising_start)))
+        if begin >= len(full_ts):
+            raise ValueError(f"denoising_start={denoising_start} leaves no step to run")
     ts, coeffs, init_sigma, (signal, noise) = spec.build(cfg, steps, sigmas, begin)
     # add_noise coefficients at each following timestep: the start point of a plan that would
     # begin there (inpainting with an ordinary UNet re-noises the known region to them).
     following = [spec.build(cfg, steps, sigmas, j)[3] for j in range(begin + 1, begin + len(ts))]
     following.append((1.0, 0.0))
-    return SamplingPlan(
+    plan = SamplingPlan(
         timesteps=jnp.asarray(_f32(ts)),
         coeffs={k: jnp.asarray(_f32(v)) for k, v in coeffs.items()},
         init_noise_sigma=jnp.asarray(init_sigma, jnp.float32),
@@ -961,6 +972,31 @@ def make_plan(
         renoise_noise=jnp.asarray(_f32([b for _, b in following])),
         sampler=sampler,
         prediction_type=cfg.prediction_type,
+    )
+    if denoising_end is not None:
+        # An SDXL base stage that hands over to a refiner: the steps at or above the cutoff, as
+        # diffusers' `denoising_end` (which for second-order samplers may also cut between the
+        # two evaluations of a step; jaxdiff always ends on a whole step).
+        keep = int(np.sum(np.asarray(plan.timesteps) >= _cutoff(cfg, denoising_end)))
+        if keep < 1:
+            raise ValueError(f"denoising_end={denoising_end} leaves no step to run")
+        plan = truncate(plan, keep)
+    return plan
+
+
+def _cutoff(cfg: ScheduleConfig, fraction: float) -> int:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"a denoising fraction must be in (0, 1), got {fraction}")
+    return int(round(cfg.num_train_timesteps - fraction * cfg.num_train_timesteps))
+
+
+def truncate(plan: SamplingPlan, steps: int) -> SamplingPlan:
+    """The first `steps` steps of a plan (the coefficients of the full plan, unchanged)."""
+    return plan.replace(
+        timesteps=plan.timesteps[:steps],
+        coeffs={k: v[:steps] for k, v in plan.coeffs.items()},
+        renoise_signal=plan.renoise_signal[:steps],
+        renoise_noise=plan.renoise_noise[:steps],
     )
 
 

@@ -191,3 +191,92 @@ def test_sd2_v_prediction_matches_diffusers(tmp_path, sd2, sampler):
 @pytest.mark.parametrize("batch,negative", [(1, None), (2, "ugly")])
 def test_sdxl_matches_diffusers(tmp_path, sdxl, batch, negative):
     _compare(tmp_path, *sdxl, "euler", batch, negative, guidance=5.0)
+
+
+@pytest.fixture(scope="module")
+def sdxl_refiner(tmp_path_factory):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    # The refiner conditions on the second text encoder only, and on 5 ids (an aesthetic score).
+    config = dict(
+        UNET_SDXL, cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8
+    )
+    unet, vae, tok, _ = _parts(config)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=_clip(
+            dict(CLIP_SD2, hidden_size=32, num_attention_heads=4, projection_dim=24), True
+        ),
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            **{k: SCHEDULE[k] for k in ("beta_start", "beta_end", "beta_schedule", "steps_offset")},
+            timestep_spacing="leading",
+        ),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    path = tmp_path_factory.mktemp("refiner") / "model"
+    pipe.save_pretrained(path)
+    return StableDiffusionXLImg2ImgPipeline.from_pretrained(path), path
+
+
+def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
+    (base, base_path), (refiner, refiner_path) = sdxl, sdxl_refiner
+    latents = (
+        np.random.default_rng(7).standard_normal((2, 4, SIZE // 4, SIZE // 4)).astype(np.float32)
+    )
+    np.save(tmp_path / "noise.npy", latents)
+    out = tmp_path / "out.npy"
+    steps, switch, prompt = 10, 0.7, "a small red circle"
+    argv = [
+        "generate",
+        prompt,
+        "--model",
+        str(base_path),
+        "--refiner",
+        str(refiner_path),
+        "--refiner-switch",
+        str(switch),
+        "--latents",
+        str(tmp_path / "noise.npy"),
+        "--steps",
+        str(steps),
+        "--sampler",
+        "euler",
+        "--width",
+        str(SIZE),
+        "--height",
+        str(SIZE),
+        "--batch",
+        "2",
+        "--negative-prompt",
+        "blue",
+        "--output-type",
+        "npy",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    handover = base(
+        [prompt] * 2,
+        negative_prompt=["blue"] * 2,
+        num_inference_steps=steps,
+        denoising_end=switch,
+        latents=torch.from_numpy(latents),
+        height=SIZE,
+        width=SIZE,
+        output_type="latent",
+    ).images
+    expected = refiner(
+        [prompt] * 2,
+        negative_prompt=["blue"] * 2,
+        image=handover,
+        num_inference_steps=steps,
+        denoising_start=switch,
+        output_type="np",
+    ).images
+    assert_close(np.load(out), expected, "SDXL base + refiner")

@@ -64,7 +64,7 @@ class Static:
     vae: VAEConfig
     text_encoder: CLIPTextConfig | None
     text_encoder_2: CLIPTextConfig | None
-    mode: str  # "text2img", "img2img" or "inpaint"
+    mode: str  # "text2img", "img2img", "inpaint" or "refine" (continue from given latents)
     guidance: bool  # classifier-free guidance: the UNet sees [negative; positive]
     zero_negative: bool  # SDXL's force_zeros_for_empty_prompt: zero negative embeddings
     clip_skip: int | None
@@ -205,7 +205,9 @@ def denoise(params, inputs: dict, plan, static: Static):
         r = inputs["guidance_rescale"]
         return r * rescaled + (1.0 - r) * guided
 
-    if static.from_noise:
+    if static.mode == "refine":  # an SDXL refiner stage continues the base's latents as they are
+        x_T = inputs["init_latents"].astype(jnp.float32)
+    elif static.from_noise:
         x_T = samplers.init_noise_sigma(plan) * noise
     else:
         x_T = samplers.img2img_latents(plan, image_latents, noise)
@@ -342,9 +344,27 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompt, **kw) -> GenerationResult:
-        """Text-to-image. See `_run` for the options."""
-        return self._run("text2img", prompt, **kw)
+    def generate(
+        self, prompt, *, refiner=None, refiner_switch: float = 0.8, **kw
+    ) -> GenerationResult:
+        """Text-to-image. See `_run` for the options.
+
+        refiner: a second `StableDiffusion` (an SDXL refiner) that finishes the last
+            `1 - refiner_switch` of the schedule from this model's latents (diffusers'
+            `denoising_end` / `denoising_start`).
+        """
+        if refiner is None:
+            return self._run("text2img", prompt, **kw)
+        if not 0.0 < refiner_switch < 1.0:
+            raise PipelineInputError(f"refiner switch must be in (0, 1), got {refiner_switch}")
+        base = self._run("text2img", prompt, denoising_end=refiner_switch, output="latents", **kw)
+        kw = {k: v for k, v in kw.items() if k not in ("latents", "width", "height")}
+        result = refiner._run(
+            "refine", prompt, init_latents=base.images, denoising_start=refiner_switch, **kw
+        )
+        for p in result.parameters:
+            p["model"] = f"{self.name} + {refiner.name} from {refiner_switch}"
+        return result
 
     def img2img(self, prompt, image, *, strength: float = 0.8, **kw) -> GenerationResult:
         """Image-to-image: `image` float [H, W, 3] in [0, 1] (or a path); `strength` in [0, 1]."""
@@ -450,6 +470,10 @@ class StableDiffusion:
         negative_aesthetic_score: float = 2.5,
         progress: bool = False,
         context=None,
+        init_latents=None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        output: str = "images",
     ) -> GenerationResult:
         from jaxdiff.pipelines.images import binarize_mask, read_image
 
@@ -480,9 +504,15 @@ class StableDiffusion:
             if image.ndim != 3 or image.shape[-1] != 3:
                 raise PipelineInputError(f"image must be [H, W, 3], got shape {image.shape}")
             height, width = image.shape[:2]
+        f = self.factor
+        if init_latents is not None:  # a refiner stage: the size follows the latents
+            init_latents = np.asarray(init_latents, np.float32)
+            if init_latents.shape[0] != b:
+                raise PipelineInputError(f"{init_latents.shape[0]} latents for {b} prompts")
+            height, width = init_latents.shape[1] * f, init_latents.shape[2] * f
+            inputs["init_latents"] = init_latents
         height = height or self.native_size
         width = width or self.native_size
-        f = self.factor
         if height % f or width % f:
             raise PipelineInputError(
                 f"size {width}x{height} is not a multiple of the model's factor {f}"
@@ -533,6 +563,8 @@ class StableDiffusion:
                 steps,
                 sigmas=sigmas,
                 strength=plan_strength if run_sampler else None,
+                denoising_start=denoising_start,
+                denoising_end=denoising_end,
             )
         except (ValueError, NotImplementedError) as e:
             raise PipelineInputError(str(e)) from None
@@ -594,6 +626,7 @@ class StableDiffusion:
             latent_shape=latent_shape,
             from_noise=mode == "text2img" or (mode == "inpaint" and strength >= 1.0),
             run_sampler=run_sampler,
+            decode=output == "images",
             progress=progress,
         )
         images = self._call(inputs, plan, static, b, progress)
