@@ -280,3 +280,114 @@ def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
         output_type="np",
     ).images
     assert_close(np.load(out), expected, "SDXL base + refiner")
+
+
+def test_nine_channel_inpainting_matches_diffusers(tmp_path, monkeypatch):
+    """SD 1.x inpainting UNet; the VAE's posterior noise of the masked image is made identical by
+    handing diffusers the noise jaxdiff draws from each image's seed."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from jaxdiff.pipelines.stable_diffusion import _image_keys, _normal_per_image
+
+    unet, vae, tok, sched = _parts(dict(UNET_SD1, in_channels=9, cross_attention_dim=32))
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=_clip(dict(CLIP_SD1, hidden_size=32)),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = tmp_path / "model"
+    pipe.save_pretrained(path)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(path)
+
+    rng = np.random.default_rng(11)
+    image = (rng.uniform(0, 1, (SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[4:20, 10:30] = 255
+    Image.fromarray(image).save(tmp_path / "image.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    latents = rng.standard_normal((2, 4, SIZE // 4, SIZE // 4)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", latents)
+    seed = 21
+    argv = [
+        "inpaint",
+        "a red circle",
+        "--model",
+        str(path),
+        "--image",
+        str(tmp_path / "image.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--steps",
+        str(STEPS),
+        "--sampler",
+        "ddim",
+        "--batch",
+        "2",
+        "--seed",
+        str(seed),
+        "--negative-prompt",
+        "blue",
+        "--output-type",
+        "npy",
+        "--out",
+        str(tmp_path / "out.npy"),
+        "--no-progress",
+    ]
+    # the CLI's --latents is for text-to-image; inpainting at strength 1 starts from the same noise
+    from jaxdiff.pipelines import load
+
+    ours = (
+        load(path)
+        .inpaint(
+            "a red circle",
+            tmp_path / "image.png",
+            tmp_path / "mask.png",
+            steps=STEPS,
+            sampler="ddim",
+            batch=2,
+            seed=seed,
+            negative_prompt="blue",
+            latents=latents,
+            progress=False,
+        )
+        .images
+    )
+    assert main(argv) == 0 and np.load(tmp_path / "out.npy").shape == (2, SIZE, SIZE, 3)
+
+    _, enc_keys, _ = _image_keys(np.array([seed, seed + 1], np.uint32))
+    eps = np.asarray(_normal_per_image(enc_keys, (SIZE // 4, SIZE // 4, 4)))
+    eps = torch.from_numpy(np.ascontiguousarray(np.transpose(eps, (0, 3, 1, 2))))
+
+    # diffusers encodes the masked image once for the batch; jaxdiff draws each image's posterior
+    # noise from its own seed. So diffusers runs one image at a time, each with that image's noise.
+    expected = []
+    for i in range(2):
+
+        def same_noise(encoder_output, generator=None, sample_mode="sample", i=i):
+            dist = encoder_output.latent_dist
+            return dist.mean + dist.std * eps[i : i + 1]
+
+        monkeypatch.setattr(inpaint_module, "retrieve_latents", same_noise)
+        expected.append(
+            pipe(
+                "a red circle",
+                image=Image.fromarray(image),
+                mask_image=Image.fromarray(mask),
+                negative_prompt="blue",
+                num_inference_steps=STEPS,
+                guidance_scale=7.5,
+                latents=torch.from_numpy(latents[i : i + 1]),
+                height=SIZE,
+                width=SIZE,
+                output_type="np",
+            ).images[0]
+        )
+    expected = np.stack(expected)
+    assert_close(ours, expected, "9-channel inpainting")
