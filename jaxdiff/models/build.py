@@ -27,7 +27,7 @@ def module_for(config, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
     raise TypeError(f"not a component config: {type(config).__name__}")
 
 
-def _init_inputs(module):
+def init_inputs(module):
     """The smallest inputs that create every parameter."""
     if isinstance(module, UNet2DConditionModel):
         f = module.config.downsampling_factor
@@ -39,7 +39,7 @@ def _init_inputs(module):
 
 def _init_fn(config, param_dtype):
     module = module_for(config, param_dtype=param_dtype)
-    inputs = _init_inputs(module)
+    inputs = init_inputs(module)
     return lambda key: module.init(key, **inputs)["params"]
 
 

@@ -20,16 +20,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import samplers
 from jaxdiff.convert.diffusers import PipelineWeights, load_pipeline
-from jaxdiff.models.build import module_for
+from jaxdiff.models.build import logical_axes, module_for
 from jaxdiff.models.clip_text import CLIPTextConfig
 from jaxdiff.models.unet import UNetConfig
 from jaxdiff.models.vae import VAEConfig, scale_latents, unscale_latents
 from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl, sdxl_time_ids
 from jaxdiff.schedules import ScheduleConfig
+from jaxdiff.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from jaxdiff.tokenizer import tokenize
 
 # The sampler each diffusers scheduler class stands for: a folder's own scheduler is the default.
@@ -314,8 +314,11 @@ class StableDiffusion:
         self.default_sampler = SAMPLER_OF_SCHEDULER.get(
             weights.scheduler_config.get("_class_name"), "euler"
         )
-        self.mesh = Mesh(np.array(devices or jax.devices()), ("data",))
-        self.params = _place_params(weights.params, self.mesh, shard_params)
+        # Batches split over both mesh axes; parameters replicated, or sharded over "fsdp".
+        devices = devices or jax.devices()
+        fsdp = len(devices) if shard_params else 1
+        self.mesh = make_mesh(data=-1, fsdp=fsdp, devices=devices)
+        self.params = _place_params(weights, self.mesh, shard_params)
         for name in ("tokenizer", "tokenizer_2"):
             if (
                 name.replace("tokenizer", "text_encoder") in self.configs
@@ -672,11 +675,10 @@ class StableDiffusion:
                 batched[k] = np.concatenate([v, extra]) if padded > b else v
             else:
                 scalars[k] = v
-        data = NamedSharding(self.mesh, PartitionSpec("data"))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+        data, everywhere = batch_sharding(self.mesh), replicated(self.mesh)
         args = {k: jax.device_put(v, data) for k, v in batched.items()}
-        args.update({k: jax.device_put(v, replicated) for k, v in scalars.items()})
-        plan = jax.device_put(plan, replicated)
+        args.update({k: jax.device_put(v, everywhere) for k, v in scalars.items()})
+        plan = jax.device_put(plan, everywhere)
         from jaxdiff.pipelines import progress as progress_bar
 
         with progress_bar.bar(enabled=progress, devices=n, total=_model_calls(plan)):
@@ -690,12 +692,15 @@ def _model_calls(plan) -> int:
     return plan.num_steps * getattr(spec, "model_calls", 1)
 
 
-def _place_params(params, mesh: Mesh, shard: bool):
+def _place_params(weights: PipelineWeights, mesh, shard: bool):
+    """Replicated on every device, or sharded by the models' logical axis rules (FSDP)."""
     if not shard:
-        return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    from jaxdiff.sharding import fsdp_shardings  # noqa: PLC0415
-
-    return jax.device_put(params, fsdp_shardings(params, mesh, axis="data"))
+        return jax.device_put(weights.params, replicated(mesh))
+    shardings = {
+        name: param_shardings(weights.params[name], logical_axes(config), mesh)
+        for name, config in weights.configs.items()
+    }
+    return jax.device_put(weights.params, shardings)
 
 
 def extend_canvas(image: np.ndarray, extend, factor: int):

@@ -1,0 +1,324 @@
+"""The train state, the static setup of a run, and born-sharded initialization.
+
+`TrainState` is the pytree a step carries: float32 master parameters of the trained components,
+their EMA, the optimizer state, the step, and the frozen components' parameters (rebuilt from
+the config on resume, so never checkpointed). `TrainSetup` is everything static a step needs
+(modules, schedule, optimizer), bound into `train_step` with `functools.partial`.
+
+Initialization follows the house rule: `jax.eval_shape(init)` gives the abstract state with its
+logical axis names, the rules table turns them into shardings, and `jax.jit(init,
+out_shardings=...)` creates every array already on its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff import sharding as shd
+from jaxdiff.models.build import logical_axes, module_for, random_params
+from jaxdiff.models.presets import PRESETS
+from jaxdiff.train.config import TrainConfig
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer updates done
+    params: Any  # component name -> float32 params of the trained components
+    ema_params: Any  # same tree: exponential moving average of `params`
+    opt_state: Any  # optax state of `params`
+    frozen: Any  # component name -> params of the frozen components (not checkpointed)
+
+    def checkpointed(self) -> dict:
+        """The part of the state a checkpoint holds."""
+        return {
+            "step": self.step,
+            "params": self.params,
+            "ema_params": self.ema_params,
+            "opt_state": self.opt_state,
+        }
+
+
+# ----------------------------------------------------------------------------- the base model
+
+
+def base_weights(cfg: TrainConfig, *, skip=()):
+    """The pipeline a run starts from: a preset with random weights or a diffusers folder.
+
+    Config overrides (`cfg.unet`, `cfg.vae`) apply to the component configs; a preset's
+    components draw their random weights from `cfg.seed`, except those in `skip` (the trained
+    ones, which `init_state` creates sharded instead).
+    """
+    from jaxdiff.convert.diffusers import PipelineWeights, load_pipeline
+    from jaxdiff.tokenizer import bundled_clip_tokenizer
+
+    if cfg.model in PRESETS:
+        preset = PRESETS[cfg.model]
+        configs = _override(preset.components(), cfg)
+        params = {
+            name: None if name in skip else random_params(c, cfg.seed + i)
+            for i, (name, c) in enumerate(configs.items())
+        }
+        tokenizers = {}
+        if preset.text_encoder is not None:
+            tokenizers["tokenizer"] = bundled_clip_tokenizer()
+        if preset.text_encoder_2 is not None:
+            tokenizers["tokenizer_2"] = bundled_clip_tokenizer()
+        return PipelineWeights(
+            preset.model_index(), configs, params, dict(preset.scheduler), tokenizers
+        ), True
+    weights = load_pipeline(cfg.model)
+    if cfg.unet or cfg.vae:
+        from jaxdiff.train.config import ConfigError
+
+        raise ConfigError("unet/vae overrides apply to presets, not to a pretrained model folder")
+    return weights, False
+
+
+def _override(configs: dict, cfg: TrainConfig) -> dict:
+    out = dict(configs)
+    from jaxdiff.train.config import ConfigError
+
+    for name, overrides in (("unet", cfg.unet), ("vae", cfg.vae)):
+        if overrides:
+            try:
+                out[name] = dataclasses.replace(out[name], **overrides)
+            except TypeError as e:
+                raise ConfigError(f"{name} overrides: {e}") from None
+    return out
+
+
+def trained_components(cfg: TrainConfig) -> tuple[str, ...]:
+    if cfg.task == "vae":
+        return ("vae",)
+    return ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+
+
+# ----------------------------------------------------------------------------- the static setup
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSetup:
+    """Everything static a train step needs; bound with `functools.partial`."""
+
+    cfg: TrainConfig
+    configs: dict  # component name -> model config
+    modules: dict  # component name -> flax module in the compute dtype
+    trained: tuple[str, ...]
+    schedule: Any  # jaxdiff.schedules.NoiseSchedule (None for the VAE task)
+    prediction_type: str
+    tx: optax.GradientTransformation
+    learning_rate: optax.Schedule
+    empty_ids: np.ndarray | None  # [77] int32: the tokenized empty caption
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        vae = self.configs["vae"]
+        size = self.cfg.resolution // vae.downsampling_factor
+        return (size, size, vae.latent_channels)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then constant or cosine decay to min_lr_ratio * peak."""
+    if cfg.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0,
+            cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps,
+            decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+            end_value=cfg.learning_rate * cfg.min_lr_ratio,
+        )
+    if cfg.warmup_steps == 0:
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+            optax.constant_schedule(cfg.learning_rate),
+        ],
+        [cfg.warmup_steps],
+    )
+
+
+def _decay_mask(params):
+    # Weight decay on kernels and embeddings, not on biases and norm scales.
+    return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+
+
+def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    parts = []
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(
+        optax.adamw(
+            learning_rate,
+            b1=cfg.adam_b1,
+            b2=cfg.adam_b2,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> TrainSetup:
+    from jaxdiff.schedules import NoiseSchedule, ScheduleConfig
+
+    dtype = jnp.dtype(cfg.compute_dtype)
+    trained = trained_components(cfg)
+    needed = ("vae",) if cfg.task == "vae" else ("unet", "vae", "text_encoder")
+    for name in needed:
+        if name not in configs:
+            from jaxdiff.train.config import ConfigError
+
+            raise ConfigError(f"model {cfg.model!r} has no {name}")
+    if cfg.task == "unet" and "text_encoder_2" in configs:
+        from jaxdiff.train.config import ConfigError
+
+        raise ConfigError("training SDXL-style models (two text encoders) is not supported yet")
+    # Frozen components compute in float32 unless the run is bf16 throughout.
+    modules = {
+        name: module_for(configs[name], dtype=dtype, param_dtype=jnp.float32) for name in needed
+    }
+    schedule, prediction_type, empty_ids = None, "", None
+    if cfg.task == "unet":
+        sched_cfg = ScheduleConfig.from_diffusers(
+            {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+        )
+        class_name = scheduler_config.get("_class_name", "DDPMScheduler")
+        try:
+            schedule = NoiseSchedule.from_config(sched_cfg, class_name)
+        except ValueError:
+            schedule = NoiseSchedule.from_config(sched_cfg)
+        prediction_type = cfg.prediction_type or schedule.prediction_type
+        from jaxdiff.tokenizer import bundled_clip_tokenizer, tokenize
+
+        empty_ids = tokenize(bundled_clip_tokenizer(), [""])[0]
+    lr = learning_rate_schedule(cfg)
+    return TrainSetup(
+        cfg=cfg,
+        configs=configs,
+        modules=modules,
+        trained=trained,
+        schedule=schedule,
+        prediction_type=prediction_type,
+        tx=optimizer(cfg, lr),
+        learning_rate=lr,
+        empty_ids=empty_ids,
+    )
+
+
+# ----------------------------------------------------------------------------- born-sharded init
+
+
+def _box(params, axes):
+    """Plain arrays -> `nn.Partitioned` boxes carrying their logical axis names."""
+    return jax.tree_util.tree_map(
+        lambda names, x: nn.Partitioned(x, tuple(names)),
+        axes,
+        params,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def _init_boxed(setup: TrainSetup, key, pretrained: dict):
+    """The checkpointed part of a fresh state, with logical axis boxes (not yet unboxed)."""
+    params = {}
+    for i, name in enumerate(setup.trained):
+        if pretrained.get(name) is not None:
+            params[name] = _box(pretrained[name], logical_axes(setup.configs[name]))
+        else:
+            module = module_for(setup.configs[name], param_dtype=jnp.float32)
+            from jaxdiff.models.build import init_inputs
+
+            params[name] = module.init(jax.random.fold_in(key, i), **init_inputs(module))["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema_params": jax.tree_util.tree_map(lambda x: x, params),
+        "opt_state": setup.tx.init(params),
+    }
+
+
+def _specs_of_boxed(tree, mesh: Mesh, cfg: TrainConfig):
+    """PartitionSpecs of a (partly) boxed tree: rules for named leaves, the FSDP default else."""
+
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            names, shape = tuple(leaf.names), tuple(leaf.value.shape)
+        else:
+            names, shape = (None,) * len(leaf.shape), tuple(leaf.shape)
+        spec = shd.logical_to_spec(names, shape, mesh, cfg.logical_axis_rules, cfg.min_shard_size)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def frozen_shardings(setup: TrainSetup, frozen_params: dict, mesh: Mesh):
+    out = {}
+    for name, p in frozen_params.items():
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p)
+        out[name] = shd.param_shardings(
+            abstract,
+            logical_axes(setup.configs[name]),
+            mesh,
+            setup.cfg.logical_axis_rules,
+            setup.cfg.min_shard_size,
+        )
+    return out
+
+
+def state_shardings(setup: TrainSetup, mesh: Mesh, pretrained: dict, frozen: dict):
+    """(abstract checkpointed state with shardings, its shardings, the frozen params' shardings)."""
+    boxed = jax.eval_shape(lambda k: _init_boxed(setup, k, pretrained), jax.random.key(0))
+    shardings = _specs_of_boxed(boxed, mesh, setup.cfg)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings, frozen_shardings(setup, frozen, mesh)
+
+
+def init_state(setup: TrainSetup, mesh: Mesh, key, pretrained: dict, frozen: dict) -> TrainState:
+    """A fresh TrainState, every array created on its devices by one jitted init."""
+    _, shardings, frozen_sh = state_shardings(setup, mesh, pretrained, frozen)
+    # Pretrained weights go host -> their shards directly, never whole onto one device.
+    pretrained_sh = {
+        name: shardings["params"][name] for name in pretrained if pretrained[name] is not None
+    }
+    pretrained = {k: v for k, v in pretrained.items() if v is not None}
+    pretrained = jax.device_put(pretrained, pretrained_sh)
+    init = jax.jit(
+        lambda k, p: nn.meta.unbox(_init_boxed(setup, k, p)),
+        out_shardings=shardings,
+    )
+    part = init(key, pretrained)
+    return assemble_state(part, jax.device_put(frozen, frozen_sh))
+
+
+def assemble_state(checkpointed: dict, frozen: dict) -> TrainState:
+    return TrainState(
+        step=checkpointed["step"],
+        params=checkpointed["params"],
+        ema_params=checkpointed["ema_params"],
+        opt_state=checkpointed["opt_state"],
+        frozen=frozen,
+    )
+
+
+def train_state_shardings(shardings: dict, frozen_sh: dict) -> TrainState:
+    """The NamedSharding tree of a whole TrainState (for jit in/out shardings)."""
+    return assemble_state(shardings, frozen_sh)
+
+
+def replicated_spec(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,203 @@
+"""The train steps: pure module-level functions `train_step(state, batch, key, *, setup)`.
+
+Bind `setup` with `functools.partial` and jit once (`jit_train_step`) with the state's
+shardings and the state donated. Randomness: `fold_in(key, step)`, then one split per use;
+every random draw covers the whole global batch before it is cut into micro-batches, so an
+example's noise, timestep and caption dropout do not depend on the batch layout (gradient
+accumulation gives the gradient of the one big batch).
+
+Batches (host arrays, leading dimension the global batch):
+  UNet task: "images" [B, H, W, 3] float32 in [-1, 1] (or "latents" [B, h, w, 2C]: the frozen
+             VAE's posterior moments, cached ahead), "input_ids" [B, 77] int32.
+  VAE task:  "images".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff.models.vae import DiagonalGaussian, scale_latents
+from jaxdiff.schedules import add_noise
+from jaxdiff.train import losses
+from jaxdiff.train.remat import remat_blocks
+from jaxdiff.train.state import TrainSetup, TrainState
+
+# optax.tree.norm from optax 0.2.5; global_norm (deprecated there) before.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def _micro_batches(tree, n: int):
+    """[B, ...] -> [n, B/n, ...]: micro-batch j holds examples j, n + j, 2n + j, ...
+
+    Interleaved rather than contiguous, so each device's contiguous block of the batch splits
+    into n local pieces and the reshape moves no data between devices.
+    """
+
+    def one(x):
+        x = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _ema(ema_params, params, step, cfg):
+    decay = jnp.float32(cfg.ema_decay)
+    if cfg.ema_warmup:
+        # Early on, the EMA follows the weights more closely (as diffusers' EMAModel warmup).
+        s = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
+    return jax.tree_util.tree_map(
+        lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema_params, params
+    )
+
+
+def _all_params(params, frozen):
+    return {**frozen, **params}
+
+
+def _encode_text(setup: TrainSetup, all_params, input_ids):
+    """[B, 77] ids -> [B, 77, D] hidden states for cross-attention."""
+    out = (
+        setup.modules["text_encoder"]
+        .apply({"params": all_params["text_encoder"]}, input_ids)
+        .last_hidden_state
+    )
+    if "text_encoder" not in setup.trained:
+        out = jax.lax.stop_gradient(out)
+    return out
+
+
+def _latents(setup: TrainSetup, all_params, batch, latent_eps):
+    """x_0 for the diffusion model: posterior samples of the frozen VAE, scaled. [B, h, w, C]"""
+    if "latents" in batch:
+        mean, logvar = jnp.split(batch["latents"].astype(jnp.float32), 2, axis=-1)
+        posterior = DiagonalGaussian(mean, logvar)
+    else:
+        posterior = setup.modules["vae"].apply(
+            {"params": all_params["vae"]}, batch["images"], method="encode"
+        )
+    # The reparameterized sample, with noise drawn for the global batch (see module docstring).
+    z = posterior.mean + jnp.exp(0.5 * posterior.logvar) * latent_eps
+    return jax.lax.stop_gradient(scale_latents(setup.configs["vae"], z))
+
+
+def _unet_loss(params, frozen, micro, setup: TrainSetup):
+    """The mean weighted denoising loss of one micro-batch (see jaxdiff.train.losses)."""
+    cfg = setup.cfg
+    all_params = _all_params(params, frozen)
+    x0 = _latents(setup, all_params, micro, micro["latent_eps"])
+    noise, t = micro["noise"], micro["t"]
+    x_t = add_noise(setup.schedule, x0, noise, t)
+    ids = jnp.where(micro["drop"][:, None], setup.empty_ids[None, :], micro["input_ids"])
+    context = _encode_text(setup, all_params, ids)
+    with remat_blocks(cfg.remat):
+        prediction = setup.modules["unet"].apply({"params": all_params["unet"]}, x_t, t, context)
+    target = losses.diffusion_target(setup.schedule, setup.prediction_type, x0, noise, t)
+    weights = losses.min_snr_weights(setup.schedule, setup.prediction_type, t, cfg.min_snr_gamma)
+    loss = losses.weighted_mse(prediction, target, weights)
+    return loss, {"loss": loss}
+
+
+def _vae_loss(params, frozen, micro, setup: TrainSetup):
+    """Reconstruction MSE + kl_weight * KL of one micro-batch."""
+    vae = setup.modules["vae"]
+    variables = {"params": _all_params(params, frozen)["vae"]}
+    with remat_blocks(setup.cfg.remat):
+        posterior = vae.apply(variables, micro["images"], method="encode")
+        z = posterior.mean + jnp.exp(0.5 * posterior.logvar) * micro["latent_eps"]
+        reconstruction = vae.apply(variables, z, method="decode")
+    loss, rec, kl = losses.vae_loss(
+        reconstruction, micro["images"], posterior.kl(), setup.cfg.kl_weight
+    )
+    return loss, {"loss": loss, "reconstruction": rec, "kl": kl}
+
+
+def _draws(setup: TrainSetup, batch, key):
+    """Every random draw of the step, for the whole global batch at once."""
+    cfg = setup.cfg
+    images = batch.get("images")
+    b = (images if images is not None else batch["latents"]).shape[0]
+    k_latent, k_noise, k_offset, k_t, k_drop = jax.random.split(key, 5)
+    if cfg.task == "vae":
+        vae = setup.configs["vae"]
+        f = vae.downsampling_factor
+        shape = (b, images.shape[1] // f, images.shape[2] // f, vae.latent_channels)
+        return {"latent_eps": jax.random.normal(k_latent, shape, jnp.float32)}
+    shape = (b,) + setup.latent_shape
+    noise = jax.random.normal(k_noise, shape, jnp.float32)
+    return {
+        "latent_eps": jax.random.normal(k_latent, shape, jnp.float32),
+        "noise": losses.offset(noise, k_offset, cfg.offset_noise),
+        "t": jax.random.randint(k_t, (b,), 0, setup.schedule.num_train_timesteps),
+        "drop": jax.random.uniform(k_drop, (b,)) < cfg.caption_dropout,
+    }
+
+
+def train_step(state: TrainState, batch, key, *, setup: TrainSetup):
+    """One optimizer update from one global batch. Returns (new state, float32 metrics)."""
+    cfg = setup.cfg
+    key = jax.random.fold_in(key, state.step)
+    batch = {**batch, **_draws(setup, batch, key)}
+    loss_fn = _vae_loss if cfg.task == "vae" else _unet_loss
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, setup=setup), has_aux=True)
+
+    def accumulate(carry, micro):
+        grads_sum, metrics_sum = carry
+        (_, metrics), grads = grad_fn(state.params, state.frozen, micro)
+        return (
+            jax.tree_util.tree_map(jnp.add, grads_sum, grads),
+            jax.tree_util.tree_map(jnp.add, metrics_sum, metrics),
+        ), None
+
+    micro = _micro_batches(batch, cfg.grad_accum)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    metric_zeros = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype),
+        jax.eval_shape(
+            lambda: grad_fn(
+                state.params, state.frozen, jax.tree_util.tree_map(lambda x: x[0], micro)
+            )[0][1]
+        ),
+    )
+    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), micro)
+    # Micro-batches are equal in size: the mean of their mean gradients is the batch's.
+    grads = jax.tree_util.tree_map(lambda g: g / cfg.grad_accum, grads)
+    metrics = jax.tree_util.tree_map(lambda m: m / cfg.grad_accum, metrics)
+
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        ema_params=_ema(state.ema_params, params, state.step, cfg),
+        opt_state=opt_state,
+    )
+    metrics = {
+        **metrics,
+        "grad_norm": _global_norm(grads),
+        "learning_rate": jnp.asarray(setup.learning_rate(state.step), jnp.float32),
+        # Whether every new weight is finite: the loop never checkpoints a state without.
+        "params_finite": jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])
+        ).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def jit_train_step(setup: TrainSetup, state_shardings, mesh, step_fn=None):
+    """`train_step` bound to `setup`, jitted with explicit shardings and the state donated.
+
+    step_fn: a stand-in for `train_step` with its signature (tests wrap it to count traces).
+    """
+    from jaxdiff.sharding import batch_sharding, replicated
+
+    return jax.jit(
+        functools.partial(step_fn or train_step, setup=setup),
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,320 @@
+"""The training loop end to end: data, configs, checkpoints, kill-and-resume, a real short
+run that lowers the loss, export to diffusers, and the NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+from jaxdiff.checkpoint import Checkpointer, NonFiniteError
+from jaxdiff.train.config import ConfigError, TrainConfig, apply_overrides, load_config
+from jaxdiff.train.data import CorruptImageWarning, ImageCaptionFolder, Stream, write_toy_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+# The micro model of tests/test_train_step.py, at 16x16 pixels, as CLI overrides.
+MICRO = [
+    "unet.block_out_channels=(32,)",
+    "unet.down_block_types=('CrossAttnDownBlock2D',)",
+    "unet.up_block_types=('CrossAttnUpBlock2D',)",
+    "unet.sample_size=8",
+    "resolution=16",
+    "batch_size=8",
+    "learning_rate=2e-3",
+    "warmup_steps=2",
+    "lr_schedule=constant",
+    "sample_every=0",
+    "min_shard_size=256",
+]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_folder_captions_from_txt_and_metadata(tmp_path):
+    write_toy_dataset(tmp_path, count=6, size=20)
+    ds = ImageCaptionFolder.scan(tmp_path)
+    assert len(ds) == 6
+    assert all(c.startswith("a ") for c in ds.captions)  # both conventions were read
+
+
+def test_corrupt_images_are_skipped_with_a_warning(tmp_path):
+    write_toy_dataset(tmp_path, count=4, size=20)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.warns(CorruptImageWarning, match="broken.png"):
+        ds = ImageCaptionFolder.scan(tmp_path)
+    assert len(ds) == 4
+
+
+def test_stream_is_deterministic_and_resumable(tmp_path):
+    write_toy_dataset(tmp_path, count=5, size=24)
+    ds = ImageCaptionFolder.scan(tmp_path)
+    a = Stream(ds, 16, seed=3)
+    batches = [a.batch(4) for _ in range(4)]  # crosses epoch boundaries
+    b = Stream(ds, 16, seed=3, position=8)  # resumed after two batches
+    for want in batches[2:]:
+        got = b.batch(4)
+        np.testing.assert_array_equal(got["images"], want["images"])
+        assert got["captions"] == want["captions"]
+    # Each epoch visits every image once; flips follow the seed.
+    epoch = [a.example(k)[0] for k in range(5)]
+    assert sorted(epoch) == list(range(5))
+    assert batches[0]["images"].shape == (4, 16, 16, 3)
+    assert -1.0 <= batches[0]["images"].min() and batches[0]["images"].max() <= 1.0
+    # A host's rows of a global batch are those rows of the whole batch.
+    c = Stream(ds, 16, seed=3)
+    part = c.batch(4, slice(2, 4))
+    np.testing.assert_array_equal(part["images"], batches[0]["images"][2:])
+    assert c.position == 4
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_parses(path):
+    if path.name == "common.py":
+        pytest.skip("defaults, not a config")
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    assert "Run:" in path.read_text().split('"""')[1]  # the docstring gives its command
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(
+        TrainConfig(),
+        ["steps=7", "learning_rate=3e-4", "remat=true", "unet.block_out_channels=(16, 32)"],
+    )
+    assert (cfg.steps, cfg.learning_rate, cfg.remat) == (7, 3e-4, True)
+    assert cfg.unet == {"block_out_channels": (16, 32)}
+    for bad, match in (
+        ("stepz=3", "unknown config key"),
+        ("steps=3.5", "is not int"),
+        ("remat=maybe", "not a boolean"),
+        ("lr_schedule=linear", "expected one of"),
+        ("steps", "expected key=value"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(TrainConfig(), [bad])
+
+
+def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
+    from jaxdiff.train.cli import main
+
+    assert main(["train", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)]) == 2
+    assert main(["train", str(CONFIGS[-1]), "--workdir", str(tmp_path), "--set", "x=1"]) == 2
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("jaxdiff: error: ") for line in err)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_and_refuses_non_finite(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    state = {"w": jax.numpy.arange(4.0), "step": jax.numpy.int32(3)}
+    ckpt.save(3, state, data={"position": 24}, config={"a": 1})
+    with pytest.raises(NonFiniteError, match="no checkpoint written"):
+        ckpt.save(
+            4, {"w": jax.numpy.asarray([1.0, np.nan]), "step": state["step"]}, data={}, config={}
+        )
+    ckpt.wait()
+    assert ckpt.all_steps() == [3]
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored, data, config = ckpt.restore(None, abstract)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert data == {"position": 24} and config == {"a": 1}
+    ckpt.close()
+
+
+def test_nan_loss_stops_the_run(tmp_path, monkeypatch):
+    """A non-finite loss stops the run with a clear message; later checkpoints are not written."""
+    from jaxdiff.train import loop
+
+    def fake_jit(setup, shardings, mesh, step_fn=None):
+        def step(state, batch, key):
+            n = int(state.step) + 1
+            loss = np.nan if n == 3 else 1.0
+            metrics = {"loss": loss, "grad_norm": 1.0, "learning_rate": 0.0, "params_finite": 1.0}
+            return state.replace(step=state.step + 1), metrics
+
+        return step
+
+    def cheap_state(run):  # host-drawn weights: no compile of the model's init
+        from jaxdiff.models.build import random_params
+        from jaxdiff.train.state import init_state
+
+        unet = random_params(run.setup.configs["unet"])
+        return init_state(run.setup, run.mesh, jax.random.key(0), {"unet": unet}, run.frozen)
+
+    monkeypatch.setattr(loop, "jit_train_step", fake_jit)
+    monkeypatch.setattr(loop, "fresh_state", cheap_state)
+    data = write_toy_dataset(tmp_path / "data", count=8, size=16)
+    cfg = apply_overrides(
+        TrainConfig(), MICRO + [f"data_dir={data}", "steps=5", "checkpoint_every=2"]
+    )
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan; stopped.*step 2"):
+        loop.train(cfg, tmp_path / "run", progress=False)
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [2]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- real runs
+# Subprocesses through `python -m jaxdiff.train.cli` (the `jaxdiff train` command's code).
+
+
+def _env(tmp_path, devices=4):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    # The three runs compile the same step: share one compilation cache.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def _train_cmd(workdir, data, steps, extra=()):
+    return [
+        sys.executable,
+        "-m",
+        "jaxdiff.train.cli",
+        "train",
+        str(REPO / "configs" / "tiny.py"),
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "4",
+        "--no-progress",
+        "--set",
+        f"data_dir={data}",
+        *[a for item in MICRO + list(extra) for a in ("--set", item)],
+    ]
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows], np.asarray([r["loss"] for r in rows])
+
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = write_toy_dataset(tmp / "data", count=16, size=16)
+    workdir = tmp / "run"
+    subprocess.run(
+        _train_cmd(workdir, data, STEPS, ["sample_every=12"]),
+        env=_env(tmp),
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    return tmp, data, workdir
+
+
+def test_short_run_lowers_the_loss(uninterrupted):
+    _, _, workdir = uninterrupted
+    steps, losses = _losses(workdir)
+    assert steps == list(range(1, STEPS + 1))
+    assert losses[-3:].mean() < 0.7 * losses[:3].mean(), losses
+    assert (workdir / "samples" / "step_000012.png").is_file()
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert Checkpointer(workdir / "checkpoints").all_steps() == [4, 8, 12]
+
+
+def test_kill_and_resume_follows_the_same_trajectory(uninterrupted):
+    tmp, data, reference = uninterrupted
+    workdir = tmp / "killed"
+    cmd = _train_cmd(workdir, data, STEPS)
+    proc = subprocess.Popen(
+        cmd, env=_env(tmp), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpts = workdir / "checkpoints"
+    deadline = time.monotonic() + 300
+    try:
+        # Kill as soon as the second checkpoint is being written (or is written).
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+            if any(n.startswith("8") for n in names):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    resumed = subprocess.run(cmd, env=_env(tmp), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    steps, losses = _losses(workdir)
+    ref_steps, ref_losses = _losses(reference)
+    assert steps == ref_steps
+    assert_close(losses, ref_losses, "losses after kill and resume")
+
+
+def test_export_loads_in_diffusers(uninterrupted, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from jaxdiff.convert.diffusers import load_pipeline
+    from jaxdiff.train.loop import export
+
+    _, _, workdir = uninterrupted
+    out = export(workdir, tmp_path / "model")
+    weights = load_pipeline(out)
+    assert set(weights.params) == {"unet", "vae", "text_encoder"}
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        context = pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long))[0]
+        eps = pipe.unet(latents, 10, encoder_hidden_states=context).sample
+    assert eps.shape == latents.shape and torch.isfinite(eps).all()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(uninterrupted, tmp_path):
+    """Two processes (jax.distributed, CPU collectives, 2 devices each) vs one with 4 devices."""
+    import socket
+
+    _, data, reference = uninterrupted
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    workdir = tmp_path / "multi"
+    procs = []
+    for rank in range(2):
+        env = _env(tmp_path, devices=2)
+        env.update(
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(rank),
+        )
+        cmd = _train_cmd(workdir, data, 4)
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    steps, losses = _losses(workdir)
+    ref_steps, ref_losses = _losses(reference)
+    assert steps == [1, 2, 3, 4]
+    assert_close(losses, ref_losses[:4], "two processes vs one")

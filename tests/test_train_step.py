@@ -1,0 +1,222 @@
+"""The pure train step on 8 fake CPU devices: sharded == single device, remat and gradient
+accumulation change nothing, the objectives' pieces, and one trace per run."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+from jaxdiff import sharding as shd
+from jaxdiff.schedules import NoiseSchedule, ScheduleConfig, add_noise
+from jaxdiff.train import losses
+from jaxdiff.train.config import TrainConfig
+from jaxdiff.train.loop import prepare
+from jaxdiff.train.state import init_state
+from jaxdiff.train.step import jit_train_step, train_step
+
+# A one-level UNet: the smallest that has every kind of block, so each compile is short.
+MICRO_UNET = {
+    "block_out_channels": (32,),
+    "down_block_types": ("CrossAttnDownBlock2D",),
+    "up_block_types": ("CrossAttnUpBlock2D",),
+    "sample_size": 8,
+}
+CFG = TrainConfig(
+    unet=MICRO_UNET,
+    resolution=16,
+    batch_size=8,
+    caption_dropout=0.25,
+    min_snr_gamma=5.0,
+    offset_noise=0.1,
+    learning_rate=1e-3,
+    min_shard_size=256,
+)
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    # Cached VAE moments rather than images: the step's compile is then shorter (the loop
+    # tests run the VAE-encoding path).
+    return {
+        "latents": rng.normal(0.0, 1.0, (8, 8, 8, 8)).astype(np.float32),
+        "input_ids": rng.integers(0, 1000, (8, 77)).astype(np.int32),
+    }
+
+
+def _train(cfg, mesh, batch, unet_params):
+    """STEPS steps from `unet_params` (None: random init, born sharded); counts traces."""
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return train_step(*args, **kwargs)
+
+    run = prepare(cfg, mesh)
+    state = init_state(run.setup, mesh, jax.random.key(0), {"unet": unet_params}, run.frozen)
+    initial = jax.device_get(state.params["unet"])
+    initial_arrays = jax.tree_util.tree_leaves(state.params)
+    created = [(x.sharding, x.addressable_shards[0].data.size, x.size) for x in initial_arrays]
+    step = jit_train_step(run.setup, run.state_shardings, mesh, counted)
+    metrics = []
+    for _ in range(STEPS):
+        state, m = step(state, shd.shard_batch(batch, mesh), jax.random.key(7))
+        metrics.append(jax.device_get(m))
+    return {
+        "metrics": metrics,
+        "params": jax.device_get(state.params),
+        "ema": jax.device_get(state.ema_params),
+        "initial": initial,
+        "traces": len(traces),
+        "created": created,  # (sharding, size of one shard, size) of each initial parameter
+        "run": run,
+    }
+
+
+MESHES = {
+    "single": ((1, 1), CFG),
+    "data": ((8, 1), CFG),
+    "fsdp": ((2, 4), CFG),
+    "remat": ((8, 1), dataclasses.replace(CFG, remat=True)),
+    "accum": ((1, 1), dataclasses.replace(CFG, grad_accum=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(batch):
+    """name -> the result of `_train`; the FSDP run initializes, the others start from it."""
+    cache = {}
+
+    def get(name):
+        if "fsdp" not in cache:
+            cache["fsdp"] = _train(CFG, shd.make_mesh(2, 4), batch, None)
+        if name not in cache:
+            (data, fsdp), cfg = MESHES[name]
+            mesh = shd.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
+            cache[name] = _train(cfg, mesh, batch, cache["fsdp"]["initial"])
+        return cache[name]
+
+    return get
+
+
+def _assert_same_run(a, b, what):
+    ma, pa, ea = a["metrics"], a["params"], a["ema"]
+    mb, pb, eb = b["metrics"], b["params"], b["ema"]
+    for i, (x, y) in enumerate(zip(ma, mb, strict=True)):
+        assert_close(x["loss"], y["loss"], f"{what}: loss of step {i + 1}")
+        assert_close(x["grad_norm"], y["grad_norm"], f"{what}: grad norm of step {i + 1}")
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(pa), jax.tree_util.tree_leaves(pb), strict=True
+    ):
+        assert_close(x, y, f"{what}: {jax.tree_util.keystr(path)}")
+    for x, y in zip(jax.tree_util.tree_leaves(ea), jax.tree_util.tree_leaves(eb), strict=True):
+        assert_close(x, y, f"{what}: EMA")
+
+
+@pytest.mark.parametrize("name", ["data", "fsdp"])
+def test_sharded_step_equals_single_device(runs, name):
+    _assert_same_run(runs(name), runs("single"), name)
+
+
+def test_remat_changes_nothing(runs):
+    _assert_same_run(runs("remat"), runs("data"), "remat")
+
+
+def test_gradient_accumulation_equals_one_big_batch(runs):
+    _assert_same_run(runs("accum"), runs("single"), "grad_accum=2")
+
+
+def test_loss_is_finite_and_params_move(runs):
+    r = runs("single")
+    assert all(np.isfinite(m["loss"]) and m["params_finite"] == 1.0 for m in r["metrics"])
+    moved = jax.tree_util.tree_map(
+        lambda a, b: np.abs(a - b).max(), r["params"]["unet"], r["initial"]
+    )
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+
+
+def test_step_is_traced_once(runs):
+    assert runs("data")["traces"] == 1
+
+
+def test_born_sharded_init_matches_rules(runs):
+    """Random init through jit(init, out_shardings) on the FSDP mesh: created on its shards."""
+    r = runs("fsdp")
+    expected = jax.tree_util.tree_leaves(r["run"].shardings["params"])
+    assert all(c[0] == e for c, e in zip(r["created"], expected, strict=True))
+    sharded = [c for c in r["created"] if not c[0].is_fully_replicated]
+    assert sharded, "the FSDP mesh shards no parameter"
+    assert all(shard * 4 == size for _, shard, size in sharded)
+
+
+def test_bf16_compute_keeps_float32_master_weights(batch, runs):
+    unet_params = runs("fsdp")["initial"]
+    cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    mesh = shd.make_mesh(8, 1)
+    run = prepare(cfg, mesh)
+    assert run.setup.modules["unet"].dtype == jnp.bfloat16
+    state = jax.eval_shape(
+        lambda: init_state(run.setup, mesh, jax.random.key(0), {"unet": unet_params}, run.frozen)
+    )
+    new_state, metrics = jax.eval_shape(
+        functools.partial(train_step, setup=run.setup), state, batch, jax.random.key(0)
+    )
+    for leaf in jax.tree_util.tree_leaves((new_state.params, new_state.ema_params)):
+        assert leaf.dtype == jnp.float32
+    assert metrics["loss"].dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule.from_config(ScheduleConfig.sd15())
+
+
+def test_targets(schedule):
+    x0 = jnp.full((2, 2, 2, 1), 0.5)
+    noise = jnp.full((2, 2, 2, 1), -1.0)
+    t = jnp.asarray([10, 900])
+    a = schedule.sqrt_alphas_cumprod[t][:, None, None, None]
+    s = schedule.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
+    assert_close(losses.diffusion_target(schedule, "epsilon", x0, noise, t), noise, "eps")
+    assert_close(losses.diffusion_target(schedule, "sample", x0, noise, t), x0, "x0")
+    assert_close(
+        losses.diffusion_target(schedule, "v_prediction", x0, noise, t), a * noise - s * x0, "v"
+    )
+    # With the eps target, x_t - sigma eps = alpha x0: the objective is the forward process's.
+    x_t = add_noise(schedule, x0, noise, t)
+    assert_close(x_t - s * noise, a * x0, "x_t")
+
+
+def test_min_snr_weights(schedule):
+    t = jnp.asarray([0, 100, 500, 999])
+    snr = np.asarray(schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t]))
+    gamma = 5.0
+    clipped = np.minimum(snr, gamma)
+    assert_close(losses.min_snr_weights(schedule, "epsilon", t, gamma), clipped / snr, "eps")
+    assert_close(
+        losses.min_snr_weights(schedule, "v_prediction", t, gamma), clipped / (snr + 1), "v"
+    )
+    assert_close(losses.min_snr_weights(schedule, "epsilon", t, 0.0), np.ones(4), "off")
+    # Zero terminal SNR: the weight is 1 (not 0/0).
+    zero = NoiseSchedule.from_config(
+        dataclasses.replace(ScheduleConfig.sd15(), rescale_betas_zero_snr=True)
+    )
+    w = losses.min_snr_weights(zero, "epsilon", jnp.asarray([999]), gamma)
+    assert np.isfinite(np.asarray(w)).all() and float(w[0]) == 1.0
+
+
+def test_offset_noise_shifts_channels():
+    noise = jnp.zeros((3, 4, 4, 2))
+    out = losses.offset(noise, jax.random.key(0), 0.5)
+    per_channel = np.asarray(out)
+    assert np.allclose(per_channel, per_channel[:, :1, :1, :])  # constant over space
+    assert np.abs(per_channel).max() > 0
+    assert losses.offset(noise, jax.random.key(0), 0.0) is noise
