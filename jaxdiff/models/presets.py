@@ -151,6 +151,41 @@ _PRESETS = [
         "a tiny random-weights model with SDXL's architecture, for tests (32x32 images)",
     ),
 ]
+_PRESETS.append(
+    Preset(
+        "shapes",
+        "StableDiffusionPipeline",
+        UNetConfig(
+            sample_size=16,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(64, 128, 128),
+            layers_per_block=1,
+            norm_num_groups=16,
+            cross_attention_dim=64,
+            attention_head_dim=4,
+        ),
+        VAEConfig(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=64,
+        ),
+        CLIPTextConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            projection_dim=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            hidden_act="gelu",
+        ),
+        None,
+        _euler(timestep_spacing="trailing"),
+        "the bundled shapes model's architecture (64x64 images, 16x16 latents)",
+    )
+)
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 

@@ -1,0 +1,35 @@
+"""Stage 1 of the bundled shapes model: its autoencoder (64x64 images -> 16x16x4 latents).
+
+Run:
+    jaxdiff make-shapes /work/runs/shapes-data --n 20000 --seed 0
+    jaxdiff train configs/shapes_vae.py --workdir /work/runs/shapes-vae \\
+        --set data_dir=/work/runs/shapes-data
+    jaxdiff export /work/runs/shapes-vae /work/runs/shapes-stage1
+
+Then scripts/train_shapes_model.py sets the VAE's scaling_factor from the latents' spread and
+runs stage 2 (configs/shapes.py). Flat colors need little capacity: reconstructions are sharp
+after a few hundred steps.
+"""
+
+import common
+
+
+def get_config():
+    return common.base(
+        task="vae",
+        model="shapes",
+        resolution=64,
+        random_flip=True,
+        batch_size=16,
+        steps=600,
+        learning_rate=2e-3,
+        warmup_steps=20,
+        lr_schedule="cosine",
+        min_lr_ratio=0.05,
+        kl_weight=1e-6,
+        caption_dropout=0.0,
+        ema_decay=0.99,
+        checkpoint_every=200,
+        sample_every=200,
+        seed=0,
+    )
