@@ -1,7 +1,7 @@
 """Stage 2 of the bundled shapes model: the UNet and the CLIP text encoder, trained together
 on the frozen stage-1 autoencoder's latents.
 
-Run (after configs/shapes_vae.py; scripts/train_shapes_model.py runs both stages):
+Run: (after configs/shapes_vae.py and its export)
     jaxdiff train configs/shapes.py --workdir /work/runs/shapes-unet \\
         --set data_dir=/work/runs/shapes-data --set model=/work/runs/shapes-stage1
     jaxdiff export /work/runs/shapes-unet /work/runs/shapes-model
