@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff import atomic
 from jaxdiff.models import config_io
 from jaxdiff.models.build import abstract_params
 from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -436,9 +435,7 @@ def save_pipeline(weights: PipelineWeights, out, *, overwrite: bool = False, dty
     out = Path(out)
     if out.exists() and not overwrite:
         raise WeightsError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic.new_folder(out) as tmp:
         index = {"_class_name": weights.model_index.get("_class_name", "StableDiffusionPipeline")}
         index["_diffusers_version"] = weights.model_index.get("_diffusers_version", "0.30.0")
         for key, value in weights.model_index.items():
@@ -465,16 +462,6 @@ def save_pipeline(weights: PipelineWeights, out, *, overwrite: bool = False, dty
                 weights.scheduler_config.get("_class_name", "PNDMScheduler"),
             ]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

@@ -43,13 +43,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from jaxdiff import atomic
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -317,31 +316,17 @@ def write_dataset(
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private to its owner; a dataset is for reading
     digits = max(5, len(str(n - 1)))
-    try:
-        with open(tmp / "metadata.jsonl", "w") as metadata:
-            for i in range(n):
-                scene = dataset_scene(
-                    seed,
-                    i,
-                    two_object_fraction=two_object_fraction,
-                    exclude_held_out=exclude_held_out,
-                )
-                name, text = f"{i:0{digits}d}", caption(scene)
-                Image.fromarray(render(scene, size)).save(tmp / f"{name}.png")
-                (tmp / f"{name}.txt").write_text(text + "\n")
-                metadata.write(json.dumps({"file_name": f"{name}.png", "text": text}) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic.new_folder(out) as tmp, open(tmp / "metadata.jsonl", "w") as metadata:
+        for i in range(n):
+            scene = dataset_scene(
+                seed,
+                i,
+                two_object_fraction=two_object_fraction,
+                exclude_held_out=exclude_held_out,
+            )
+            name, text = f"{i:0{digits}d}", caption(scene)
+            Image.fromarray(render(scene, size)).save(tmp / f"{name}.png")
+            (tmp / f"{name}.txt").write_text(text + "\n")
+            metadata.write(json.dumps({"file_name": f"{name}.png", "text": text}) + "\n")
     return out

@@ -418,6 +418,32 @@ class Transformer2DModel(nn.Module):
 # ----------------------------------------------------------------------------- blocks
 
 
+def _resnet(cfg: UNetConfig, channels: int, name: str, kw: dict, scale: float | None = None):
+    """A ResnetBlock2D with the config's norm, activation and time-embedding settings."""
+    return ResnetBlock2D(
+        channels,
+        groups=cfg.norm_num_groups,
+        eps=cfg.norm_eps,
+        act_fn=cfg.act_fn,
+        time_scale_shift=cfg.resnet_time_scale_shift,
+        output_scale_factor=cfg.resnet_out_scale_factor if scale is None else scale,
+        name=name,
+        **kw,
+    )
+
+
+def _transformer(cfg: UNetConfig, block: int, name: str, kw: dict):
+    """The Transformer2DModel of down block `block` (its heads and depth)."""
+    return Transformer2DModel(
+        cfg.heads[block],
+        cfg.transformer_layers[block],
+        cfg.norm_num_groups,
+        cfg.use_linear_projection,
+        name=name,
+        **kw,
+    )
+
+
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with `attention`) or DownBlock2D; returns the skip outputs too."""
 
@@ -434,25 +460,9 @@ class DownBlock(nn.Module):
         out_ch = cfg.block_out_channels[i]
         skips = []
         for j in range(cfg.layers[i]):
-            x = ResnetBlock2D(
-                out_ch,
-                groups=cfg.norm_num_groups,
-                eps=cfg.norm_eps,
-                act_fn=cfg.act_fn,
-                time_scale_shift=cfg.resnet_time_scale_shift,
-                output_scale_factor=cfg.resnet_out_scale_factor,
-                name=f"resnets_{j}",
-                **kw,
-            )(x, temb)
+            x = _resnet(cfg, out_ch, f"resnets_{j}", kw)(x, temb)
             if self.with_attention:
-                x = Transformer2DModel(
-                    cfg.heads[i],
-                    cfg.transformer_layers[i],
-                    cfg.norm_num_groups,
-                    cfg.use_linear_projection,
-                    name=f"attentions_{j}",
-                    **kw,
-                )(x, context)
+                x = _transformer(cfg, i, f"attentions_{j}", kw)(x, context)
             skips.append(x)
         if i < len(cfg.block_out_channels) - 1:
             x = Downsample2D(out_ch, cfg.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -478,25 +488,9 @@ class UpBlock(nn.Module):
         out_ch = cfg.block_out_channels[rev]
         for j in range(cfg.layers[rev] + 1):
             x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(
-                out_ch,
-                groups=cfg.norm_num_groups,
-                eps=cfg.norm_eps,
-                act_fn=cfg.act_fn,
-                time_scale_shift=cfg.resnet_time_scale_shift,
-                output_scale_factor=cfg.resnet_out_scale_factor,
-                name=f"resnets_{j}",
-                **kw,
-            )(x, temb)
+            x = _resnet(cfg, out_ch, f"resnets_{j}", kw)(x, temb)
             if self.with_attention:
-                x = Transformer2DModel(
-                    cfg.heads[rev],
-                    cfg.transformer_layers[rev],
-                    cfg.norm_num_groups,
-                    cfg.use_linear_projection,
-                    name=f"attentions_{j}",
-                    **kw,
-                )(x, context)
+                x = _transformer(cfg, rev, f"attentions_{j}", kw)(x, context)
         if i < n - 1:
             x = Upsample2D(out_ch, name="upsamplers_0", **kw)(x, upsample_size)
         return x
@@ -515,28 +509,9 @@ class MidBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = cfg.block_out_channels[-1]
 
-        def resnet(name):
-            return ResnetBlock2D(
-                ch,
-                groups=cfg.norm_num_groups,
-                eps=cfg.norm_eps,
-                act_fn=cfg.act_fn,
-                time_scale_shift=cfg.resnet_time_scale_shift,
-                output_scale_factor=cfg.mid_block_scale_factor,
-                name=name,
-                **kw,
-            )
-
-        x = resnet("resnets_0")(x, temb)
-        x = Transformer2DModel(
-            cfg.heads[-1],
-            cfg.transformer_layers[-1],
-            cfg.norm_num_groups,
-            cfg.use_linear_projection,
-            name="attentions_0",
-            **kw,
-        )(x, context)
-        return resnet("resnets_1")(x, temb)
+        x = _resnet(cfg, ch, "resnets_0", kw, cfg.mid_block_scale_factor)(x, temb)
+        x = _transformer(cfg, -1, "attentions_0", kw)(x, context)
+        return _resnet(cfg, ch, "resnets_1", kw, cfg.mid_block_scale_factor)(x, temb)
 
 
 # ----------------------------------------------------------------------------- the UNet

@@ -7,12 +7,12 @@ Everything here runs on the host with numpy and Pillow. Pipeline images are floa
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from jaxdiff import atomic
 
 
 class ImageInputError(ValueError):
@@ -82,25 +82,12 @@ def parameters_text(params: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_png(path, image: np.ndarray, params: dict | None = None) -> None:
     """float32 [H, W, 3] in [0, 1] -> PNG, with the parameters in a `parameters` text chunk."""
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text("parameters", parameters_text(params))
-    _atomic_write(
+    atomic.write_file(
         Path(path),
         lambda tmp: Image.fromarray(to_uint8(image)).save(tmp, format="PNG", pnginfo=info),
     )
@@ -111,7 +98,7 @@ def save_npy(path, images: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, images.astype(np.float32))
 
-    _atomic_write(Path(path), write)
+    atomic.write_file(Path(path), write)
 
 
 def output_paths(out: Path, n: int, suffix: str) -> list[Path]:
