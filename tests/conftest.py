@@ -18,5 +18,6 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords:
             item.add_marker(skip)
 
+
 # Tests never write to the user's persistent compilation cache.
 os.environ["JAXDIFF_CACHE_DIR"] = "off"

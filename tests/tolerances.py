@@ -24,6 +24,7 @@ def assert_close(actual, expected, what=""):
         f"tolerance {FLOAT32_ATOL} + {FLOAT32_RTOL}*|ref|"
     )
 
+
 # Statistical tests of the stochastic samplers (tests/test_samplers.py): 16384 samples drawn
 # with the exact denoiser of a N(0.5, 0.8^2) target in 50 steps. Allowed |error| of the sample
 # mean and of the sample standard deviation: 5 Monte-Carlo standard errors (0.8 / sqrt(16384)

@@ -6,8 +6,10 @@ maps to mesh axes. `apply` accepts the plain (unboxed) arrays as well.
 
 Dtype policy: every module takes `dtype` (compute) and `param_dtype` (storage). Group and layer
 norms compute in float32 and hand back the compute dtype: their variance overflows or loses all
-precision in float16/bfloat16. Attention logits and softmax run in float32 inside
-`jax.nn.dot_product_attention`.
+precision in float16/bfloat16. Attention logits and softmax run in float32 on every backend:
+through `jax.nn.dot_product_attention` on GPU and TPU (cuDNN's fused kernel on GPU in half
+precision), and as blocked matrix products on the CPU, where they measured 4.5x faster
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -131,12 +133,84 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+# Query rows per block of the CPU path: a block's float32 logits against 4096 keys are 4 MiB and
+# stay in cache, where the whole [T, S] matrix of a head (64 MiB) streams through memory. 128
+# and 256 measured alike, 64 slower (docs/benchmarks.md).
+_CPU_QUERY_BLOCK = 256
+# Below this many logits per head one block is as fast and compiles to a simpler program.
+_CPU_BLOCKED_MIN_LOGITS = 512 * 512
+
+
+def _attention_cpu(q, k, v, mask, is_causal):
+    """Attention on the CPU: q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H].
+
+    `jax.nn.dot_product_attention`'s XLA path is 2-4x slower on the CPU than plain matrix
+    products (docs/benchmarks.md). Heads go first, so each (batch, head) pair is one contiguous
+    matrix product; long sequences run in query blocks (`lax.map`) that keep the logits in cache.
+    Logits and softmax are float32 whatever the compute dtype, as in dot_product_attention; the
+    softmax is normalized after the second product, which divides [T, H] instead of [T, S].
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    scale = 1.0 / float(h) ** 0.5
+
+    def heads_first(x):  # [B, L, N, H] -> [B*N, L, H]
+        return jnp.asarray(x).transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
+
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+
+    def block(qb, kb, vb, keep=None):  # qb [..., T', H], kb and vb [..., S, H] -> [..., T', H]
+        logits = jnp.einsum("...th,...sh->...ts", qb, kb, preferred_element_type=jnp.float32)
+        logits = logits * scale
+        if keep is not None:  # jax.nn.dot_product_attention's large negative, not -inf
+            logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
+        weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+        out = jnp.einsum(
+            "...ts,...sh->...th", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+        )
+        return out / weights.sum(-1, keepdims=True)
+
+    if mask is not None or is_causal or t * s < _CPU_BLOCKED_MIN_LOGITS:
+        keep = None
+        if mask is not None or is_causal:
+            keep = jnp.ones((b, n, t, s), bool)
+            if mask is not None:
+                keep = keep & jnp.broadcast_to(mask, (b, n, t, s))
+            if is_causal:
+                keep = keep & jnp.tril(jnp.ones((t, s), bool))
+            keep = keep.reshape(b * n, t, s)
+        out = block(qh, kh, vh, keep)
+    else:
+        rows = _CPU_QUERY_BLOCK
+        blocks = -(-t // rows)
+        # Padded query rows attend like any other and are dropped below.
+        qh = jnp.pad(qh, ((0, 0), (0, blocks * rows - t), (0, 0)))
+        q_blocks = qh.reshape(b * n * blocks, rows, h)
+
+        def one(args):  # one query block of one (batch, head) pair
+            index, qb = args
+            return block(qb, kh[index // blocks], vh[index // blocks])
+
+        out = jax.lax.map(one, (jnp.arange(b * n * blocks), q_blocks))
+        out = out.reshape(b * n, blocks * rows, h)[:, :t]
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
 def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
     """Multi-head scaled dot-product attention.
 
-    q: [B, T, heads*dim], k and v: [B, S, heads*dim] -> [B, T, heads*dim]. Goes through
-    `jax.nn.dot_product_attention`, which selects the fused cuDNN kernel on GPU where it applies
-    and computes logits and softmax in float32 everywhere.
+    q: [B, T, heads*dim], k and v: [B, S, heads*dim] -> [B, T, heads*dim]; mask: boolean,
+    broadcastable to [B, heads, T, S], True where a query may attend to a key. Logits and softmax
+    are float32 on every backend. The formulation is chosen per backend (measured in
+    docs/benchmarks.md):
+
+    - CPU: `_attention_cpu` (matrix products, query-blocked for long sequences).
+    - GPU, float16/bfloat16, no mask: `jax.nn.dot_product_attention(implementation="cudnn")`,
+      cuDNN's fused flash-attention kernel, where jax accepts the shapes (head dim a multiple of
+      8, at most 128, or 256 from Hopper on); otherwise, like every other case,
+      implementation=None, which is XLA's fusion in jax 0.10-0.12 (jax does not pick cuDNN by
+      itself). The SD VAE's one head of 512 takes that path.
+    - TPU and float32 on GPU: `jax.nn.dot_product_attention` (XLA).
     """
     b, t, inner = q.shape
     s = k.shape[1]
@@ -144,7 +218,22 @@ def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
     q = q.reshape(b, t, num_heads, head_dim)
     k = k.reshape(b, s, num_heads, head_dim)
     v = v.reshape(b, s, num_heads, head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    backend = jax.default_backend()
+    if backend == "cpu":
+        out = _attention_cpu(q, k, v, mask, is_causal)
+    else:
+        out = None
+        # Masked attention (CLIP's 77 tokens) gains nothing from the fused kernel, and a mask is
+        # where cuDNN's support varies by version.
+        if backend == "gpu" and mask is None and q.dtype in (jnp.float16, jnp.bfloat16):
+            try:
+                out = jax.nn.dot_product_attention(
+                    q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn"
+                )
+            except (NotImplementedError, RuntimeError, ValueError):
+                out = None  # shapes, GPU or cuDNN version that the fused kernel does not take
+        if out is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     return out.reshape(b, t, inner)
 
 

@@ -153,6 +153,12 @@ def train_step(state: TrainState, batch, key, *, setup: TrainSetup):
             jax.tree_util.tree_map(jnp.add, metrics_sum, metrics),
         ), None
 
+    if cfg.grad_accum == 1:
+        # No loop: on XLA's CPU backend a backward pass inside a scan runs 2-4x slower
+        # (docs/benchmarks.md), and one micro-batch needs no accumulation.
+        (_, metrics), grads = grad_fn(state.params, state.frozen, batch)
+        return _apply(state, grads, metrics, setup)
+
     micro = _micro_batches(batch, cfg.grad_accum)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     metric_zeros = jax.tree_util.tree_map(
@@ -167,7 +173,12 @@ def train_step(state: TrainState, batch, key, *, setup: TrainSetup):
     # Micro-batches are equal in size: the mean of their mean gradients is the batch's.
     grads = jax.tree_util.tree_map(lambda g: g / cfg.grad_accum, grads)
     metrics = jax.tree_util.tree_map(lambda m: m / cfg.grad_accum, metrics)
+    return _apply(state, grads, metrics, setup)
 
+
+def _apply(state: TrainState, grads, metrics, setup: TrainSetup):
+    """The optimizer update, the EMA and the step's metrics, from the batch's mean gradient."""
+    cfg = setup.cfg
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(

@@ -1,0 +1,174 @@
+"""The benchmark harness's logic (jaxdiff/bench.py): timing, FLOPs, row selection, the report.
+
+No timed assertions: figures come from the benchmark itself (docs/benchmarks.md).
+"""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+from jaxdiff import bench
+from jaxdiff.models import layers
+
+
+class FakeClock:
+    """Each call advances by the next step, so measured durations are known exactly."""
+
+    def __init__(self, steps):
+        self.now = 0.0
+        self.steps = iter(steps)
+
+    def __call__(self):
+        self.now += next(self.steps, 0.0)
+        return self.now
+
+
+def test_time_calls_warms_up_then_takes_the_median():
+    calls = []
+    # Per timed run: the clock is read twice; durations 0.003, 0.001, 0.002 s.
+    clock = FakeClock([0.0, 0.003, 0.0, 0.001, 0.0, 0.002])
+    timing = bench.time_calls(lambda: calls.append(1), runs=3, warmup=2, clock=clock)
+    assert len(calls) == 5
+    np.testing.assert_allclose(timing.runs_ms, [3.0, 1.0, 2.0])
+    assert timing.median_ms == pytest.approx(2.0)
+
+
+def test_time_calls_even_runs_and_bad_runs():
+    clock = FakeClock([0.0, 0.001, 0.0, 0.004])
+    assert bench.time_calls(lambda: None, runs=2, warmup=0, clock=clock).median_ms == (
+        pytest.approx(2.5)
+    )
+    with pytest.raises(ValueError):
+        bench.time_calls(lambda: None, runs=0, warmup=0)
+
+
+def test_flops_of_a_matrix_product():
+    a = jnp.ones((32, 64), jnp.float32)
+    b = jnp.ones((64, 16), jnp.float32)
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    assert bench.flops_of(compiled) == pytest.approx(2 * 32 * 64 * 16, rel=0.01)
+    assert bench.memory_of(compiled) >= 4 * (32 * 64 + 64 * 16 + 32 * 16)
+
+
+@pytest.mark.parametrize(
+    "cost, expected",
+    [({"flops": 10.0}, 10.0), ([{"flops": 7.0}], 7.0), ([], None), (None, None), ({}, None)],
+)
+def test_flops_of_handles_every_return_type(cost, expected):
+    class Compiled:
+        def cost_analysis(self):
+            return cost
+
+    assert bench.flops_of(Compiled()) == expected
+
+
+def test_peak_is_stated_only_for_known_gpus():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("cpu") is None
+
+
+def _result(row, impl, ms, peer=False):
+    return bench.Result(row, "case", impl, ms, [ms], peer=peer)
+
+
+def test_peer_ratio_is_peer_time_over_ours():
+    results = bench.with_peer_ratios(
+        [_result("r", "jaxdiff", 2.0), _result("r", "diffusers", 3.0, peer=True)]
+    )
+    assert results[0].vs_peer == pytest.approx(1.5)
+    assert results[1].vs_peer is None
+
+
+FAKE_ROWS = {
+    "one": bench.Row("one", "cpu", "a fake row", lambda ctx, name: [_result(name, "jaxdiff", 1.0)]),
+    "two": bench.Row("two", "gpu", "another", lambda ctx, name: [_result(name, "jaxdiff", 2.0)]),
+    "broken": bench.Row("broken", "cpu", "fails", lambda ctx, name: 1 / 0),
+}
+
+
+def test_select_rows():
+    assert [r.name for r in bench.select_rows(None, "cpu", FAKE_ROWS)] == ["one", "broken"]
+    assert [r.name for r in bench.select_rows(None, "gpu", FAKE_ROWS)] == ["two"]
+    assert [r.name for r in bench.select_rows(["two", "one"], "cpu", FAKE_ROWS)] == ["two", "one"]
+    with pytest.raises(ValueError, match="unknown rows nope"):
+        bench.select_rows(["nope"], "cpu", FAKE_ROWS)
+
+
+def test_every_issue_row_exists():
+    cpu = {r.name for r in bench.ROWS.values() if r.device == "cpu"}
+    gpu = {r.name for r in bench.ROWS.values() if r.device == "gpu"}
+    assert {"attention", "conv", "tiny-unet", "tiny-train", "tiny-txt2img"} <= cpu
+    assert {"sd15-unet", "sdxl-unet", "vae-decode", "text-encode", "sd15-txt2img"} <= gpu
+    assert "sd15-train" in gpu
+
+
+def test_run_writes_a_valid_report_and_survives_a_failing_row(tmp_path):
+    path = tmp_path / "out.json"
+    ctx = bench.Context(runs=1, warmup=0, log=lambda line: None)
+    rows = bench.select_rows(["one", "broken", "two"], "cpu", FAKE_ROWS)
+    doc = bench.run(rows, ctx, str(path))
+    written = json.loads(path.read_text())
+    bench.validate(written)
+    assert [r["row"] for r in written["results"]] == ["one", "two"]
+    assert set(written["errors"]) == {"broken"}
+    assert written["environment"]["jax"] == jax.__version__
+    assert doc["results"] == written["results"]
+    table = bench.table([bench.Result(**r) for r in written["results"]])
+    assert table.count("\n") == 3  # header, rule, two rows
+
+
+def test_validate_rejects_a_broken_report():
+    with pytest.raises(ValueError, match="schema"):
+        bench.validate({"schema": "other"})
+    doc = {"schema": bench.SCHEMA, "environment": {}, "results": [], "errors": {}}
+    with pytest.raises(ValueError, match="environment lacks"):
+        bench.validate(doc)
+
+
+def test_the_command_line_runs_a_tiny_row(capsys, tmp_path, monkeypatch):
+    """`--rows` with a real (micro) row: parsing, running, the table, the JSON."""
+    monkeypatch.setitem(
+        bench.ROWS,
+        "small-conv",
+        bench.Row(
+            "small-conv",
+            "cpu",
+            "a small conv",
+            lambda ctx, name: bench.conv_micro(ctx, name, batch=1, size=8, channels=8),
+        ),
+    )
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "b.json"
+    args = parser.parse_args(
+        ["--rows", "small-conv", "--runs", "2", "--warmup", "0", "--no-compare", "--json", str(out)]
+    )
+    doc = bench.main(args)
+    bench.validate(json.loads(out.read_text()))
+    assert [r["impl"] for r in doc["results"]] == ["jaxdiff"]
+    # XLA counts only the taps inside the image: 22 of 24 per row of an 8-wide "SAME" 3x3 conv.
+    assert doc["results"][0]["flops"] == pytest.approx(2 * 8 * 8 * 22 * 22)
+    assert "| small-conv |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tokens", [600, 1024])
+def test_blocked_cpu_attention_matches_dot_product_attention(tokens):
+    """The query-blocked CPU path (long sequences) against jax.nn.dot_product_attention; the
+    tiny models of the parity tests only reach the unblocked path."""
+    heads, dim = 2, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, tokens, heads * dim), np.float32) for _ in range(3))
+    got = layers.attention(q, k, v, num_heads=heads)
+
+    def split(x):
+        return x.reshape(1, tokens, heads, dim)
+
+    want = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(got.shape)
+    assert_close(got, want, "attention")
