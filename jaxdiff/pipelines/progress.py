@@ -1,7 +1,7 @@
 """A denoising progress bar fed from inside the jitted scan by `jax.debug.callback`.
 
-Each model evaluation calls `tick()` once per device that runs it; the bar divides by the device
-count, so it advances once per evaluation whatever the sharding.
+After every sampler step, each device that runs it calls `tick()` once; the bar divides by the
+device count, so it advances once per step whatever the sharding.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Static:
     from_noise: bool = True  # start from pure noise (text2img, inpainting at strength 1)
     run_sampler: bool = True  # False when img2img's strength leaves no step (strength 0)
     decode: bool = True  # False returns latents (an SDXL base stage before the refiner)
-    progress: bool = False  # a host callback per model evaluation, for the progress bar
+    progress: bool = False  # a host callback after every sampler step, for the progress bar
 
     @property
     def sdxl(self) -> bool:
@@ -181,8 +181,6 @@ def denoise(params, inputs: dict, plan, static: Static):
         image_latents = _encode_images(params, static, image, enc_keys)
 
     def model_fn(x, t):  # x: [B, h, w, C] scaled as diffusers feeds its UNet
-        if static.progress:
-            jax.debug.callback(_progress_tick)
         if masked_image_latents is not None:  # 9-channel inpainting UNet
             x = jnp.concatenate(
                 [x, mask_latents.astype(x.dtype), masked_image_latents.astype(x.dtype)], -1
@@ -215,13 +213,17 @@ def denoise(params, inputs: dict, plan, static: Static):
     if not static.run_sampler:
         latents = image_latents
     else:
-        post_step = None
-        if static.mode == "inpaint" and static.unet.in_channels != 9:
-            # Ordinary UNets inpaint by putting the known region back, re-noised to the next
-            # step's noise level, after every step (diffusers' StableDiffusionInpaintPipeline).
-            def post_step(x, index):
+        blend = static.mode == "inpaint" and static.unet.in_channels != 9
+
+        def post_step(x, index):
+            if blend:
+                # Ordinary UNets inpaint by putting the known region back, re-noised to the
+                # next step's level, after every step (diffusers' StableDiffusionInpaintPipeline).
                 known = samplers.renoise(plan, index, image_latents, noise)
-                return (1.0 - mask_latents) * known + mask_latents * x
+                x = (1.0 - mask_latents) * known + mask_latents * x
+            if static.progress:
+                jax.debug.callback(_progress_tick)
+            return x
 
         latents = samplers.sample(
             model_fn,
@@ -229,7 +231,7 @@ def denoise(params, inputs: dict, plan, static: Static):
             plan,
             key=step_keys,
             eta=inputs["eta"] if plan.sampler == "ddim" else 0.0,
-            post_step=post_step,
+            post_step=post_step if (blend or static.progress) else None,
         )
     if not static.decode:
         return latents
@@ -681,15 +683,10 @@ class StableDiffusion:
         plan = jax.device_put(plan, everywhere)
         from jaxdiff.pipelines import progress as progress_bar
 
-        with progress_bar.bar(enabled=progress, devices=n, total=_model_calls(plan)):
+        with progress_bar.bar(enabled=progress, devices=n, total=plan.num_steps):
             out = _denoise_jit(self.params, args, plan, static)
             out = np.asarray(jax.device_get(out))
         return out[:b]
-
-
-def _model_calls(plan) -> int:
-    spec = samplers.get_sampler(plan.sampler)
-    return plan.num_steps * getattr(spec, "model_calls", 1)
 
 
 def _place_params(weights: PipelineWeights, mesh, shard: bool):
