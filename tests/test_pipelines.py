@@ -290,3 +290,39 @@ def test_samplers_command_lists_every_sampler(capsys):
 def test_model_index_flags_are_kept(model_dir):
     index = json.loads((model_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_cli_reuses_the_persistent_compilation_cache(tmp_path, model_dir):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAXDIFF_CACHE_DIR=str(cache), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    base = [
+        sys.executable,
+        "-m",
+        "jaxdiff",
+        "generate",
+        "a red circle",
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--sampler",
+        "euler",
+        "--no-progress",
+    ]
+    subprocess.run(
+        [*base, "--out", str(tmp_path / "a.png")], env=env, check=True, capture_output=True
+    )
+    first = sorted(p.name for p in cache.iterdir())
+    assert any("denoise" in name for name in first), first
+    # The same command again with another seed: served from the cache, nothing new.
+    subprocess.run(
+        [*base, "--seed", "5", "--out", str(tmp_path / "b.png")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert sorted(p.name for p in cache.iterdir()) == first

@@ -122,7 +122,8 @@ def sdxl(tmp_path_factory):
     return StableDiffusionXLPipeline.from_pretrained(path), path
 
 
-def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5):
+def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5, **options):
+    """options: guidance_rescale, clip_skip (given to both sides)."""
     import diffusers
 
     prompts = ["a small red circle on the left", "a large blue square"][:batch]
@@ -157,6 +158,8 @@ def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5):
     ]
     if negative:
         argv += ["--negative-prompt", negative]
+    for name, value in options.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
     assert main(argv) == 0
     ours = np.load(out)
 
@@ -171,6 +174,7 @@ def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5):
         height=SIZE,
         width=SIZE,
         output_type="np",
+        **options,
     ).images
     assert ours.shape == (batch, SIZE, SIZE, 3) and ours.dtype == np.float32
     assert_close(ours, expected, f"{sampler} batch {batch} negative={negative!r}")
@@ -181,6 +185,34 @@ def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5):
 @pytest.mark.parametrize("batch,negative", [(1, None), (2, "blurry, green")])
 def test_sd1_matches_diffusers(tmp_path, sd1, sampler, batch, negative):
     _compare(tmp_path, *sd1, sampler, batch, negative)
+
+
+def test_sd1_guidance_rescale_matches_diffusers(tmp_path, sd1):
+    _compare(tmp_path, *sd1, "euler", 2, "blurry", guidance_rescale=0.7)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_conditioning_matches_the_reference(sd1, clip_skip):
+    """diffusers' own clip_skip path fails with transformers 5 (`text_model` is gone), so this
+    compares with what it computes: an earlier hidden state through the final layer norm."""
+    from jaxdiff.convert import load_pipeline
+    from jaxdiff.pipelines.conditioning import encode_sd
+    from jaxdiff.tokenizer import bundled_clip_tokenizer, tokenize
+
+    pipe, path = sd1
+    weights = load_pipeline(path)
+    ids = tokenize(bundled_clip_tokenizer(), ["a small red circle", "a blue square on the left"])
+    ours = encode_sd(
+        weights.params["text_encoder"], weights.configs["text_encoder"], ids, clip_skip=clip_skip
+    )
+    encoder = pipe.text_encoder
+    with torch.no_grad():
+        hidden = encoder(
+            torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True
+        ).hidden_states
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        expected = norm(hidden[-(clip_skip + 1)]).numpy()
+    assert_close(ours, expected, f"clip_skip={clip_skip} conditioning")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
