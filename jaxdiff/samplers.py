@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -694,8 +695,8 @@ def _build_unipc(cfg, steps, sigma_schedule, begin):
     return ts[begin:], _slice(coeffs, begin), 1.0, _vp_start_from_sigma(sigmas[begin])
 
 
-def _build_lcm(cfg, steps, sigma_schedule, begin):
-    ts = schedules.lcm_timesteps(cfg, steps)
+def _build_lcm(cfg, steps, sigma_schedule, begin, strength=1.0):
+    ts = schedules.lcm_timesteps(cfg, steps, strength)
     ac = schedules.alphas_cumprod_from_config(cfg)
     final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
     prev = np.concatenate([ts[1:], ts[-1:]])  # the last step's "previous" is itself (unused)
@@ -943,24 +944,29 @@ def make_plan(
         )
     if sampler == "plms" and cfg.prediction_type == "sample":
         raise ValueError("plms (PNDM) supports prediction_type epsilon and v_prediction only")
-    if sampler == "lcm" and strength is not None:
-        raise NotImplementedError("lcm img2img follows LCMScheduler.set_timesteps(strength=...)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    build = spec.build
     begin = 0 if strength is None else schedules.img2img_t_start(steps, strength)
+    if sampler == "lcm" and strength is not None:
+        # LCM img2img shortens the teacher's schedule instead of skipping steps
+        # (LCMScheduler.set_timesteps(strength=...); the pipeline then runs every step).
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"lcm img2img needs strength in (0, 1], got {strength}")
+        build, begin = functools.partial(_build_lcm, strength=strength), 0
     if begin >= steps:
         raise ValueError(f"strength={strength} leaves no step to run with steps={steps}")
     if denoising_start is not None:
         # An SDXL refiner stage: only the steps below the cutoff, as diffusers' img2img
         # get_timesteps(denoising_start=...) (a fresh scheduler whose begin index is set there).
-        full_ts = spec.build(cfg, steps, sigmas, 0)[0]
+        full_ts = build(cfg, steps, sigmas, 0)[0]
         begin = len(full_ts) - int(np.sum(full_ts < _cutoff(cfg, denoising_start)))
         if begin >= len(full_ts):
             raise ValueError(f"denoising_start={denoising_start} leaves no step to run")
-    ts, coeffs, init_sigma, (signal, noise) = spec.build(cfg, steps, sigmas, begin)
+    ts, coeffs, init_sigma, (signal, noise) = build(cfg, steps, sigmas, begin)
     # add_noise coefficients at each following timestep: the start point of a plan that would
     # begin there (inpainting with an ordinary UNet re-noises the known region to them).
-    following = [spec.build(cfg, steps, sigmas, j)[3] for j in range(begin + 1, begin + len(ts))]
+    following = [build(cfg, steps, sigmas, j)[3] for j in range(begin + 1, begin + len(ts))]
     following.append((1.0, 0.0))
     plan = SamplingPlan(
         timesteps=jnp.asarray(_f32(ts)),

@@ -561,13 +561,20 @@ def multistep_timesteps(config: ScheduleConfig, steps: int) -> np.ndarray:
     raise ValueError(f"timestep_spacing {config.timestep_spacing!r} (resolve the config first)")
 
 
-def lcm_timesteps(config: ScheduleConfig, steps: int) -> np.ndarray:
-    """[steps] int64 descending, as LCMScheduler picks them from the teacher's schedule."""
+def lcm_timesteps(config: ScheduleConfig, steps: int, strength: float = 1.0) -> np.ndarray:
+    """[steps] int64 descending, as LCMScheduler picks them from the teacher's schedule.
+
+    strength < 1 (img2img) keeps the first `original_inference_steps * strength` teacher steps,
+    as `LCMScheduler.set_timesteps(strength=...)`: LCM img2img still runs all `steps`.
+    """
     original = config.original_inference_steps
     k = config.num_train_timesteps // original
-    origin = np.arange(1, original + 1) * k - 1
+    origin = np.arange(1, int(original * strength) + 1) * k - 1
     if steps > original or len(origin) // steps < 1:
-        raise ValueError(f"LCM steps={steps} must be <= original_inference_steps={original}")
+        raise ValueError(
+            f"LCM steps={steps} must be <= original_inference_steps x strength "
+            f"= {int(original * strength)}"
+        )
     origin = origin[::-1]
     indices = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
     return origin[indices].astype(np.int64)

@@ -470,3 +470,28 @@ def test_bf16_model_with_float32_scheduler_math():
     out32 = samplers.sample(jax_model, x_T, plan)
     assert out16.dtype == jnp.bfloat16 and set(seen) == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_allclose(out16.astype(jnp.float32), out32, rtol=BF16_MODEL_RTOL, atol=0.01)
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.8])
+def test_lcm_img2img_matches_diffusers(strength, monkeypatch):
+    """LCM img2img: LCMScheduler.set_timesteps(steps, strength=...) shortens the teacher's
+    schedule, every step runs, and the start is add_noise at the first timestep."""
+    config = config_for("lcm", "epsilon")
+    steps = 4
+    rng = np.random.default_rng(9)
+    init = rng.standard_normal(SHAPE).astype(np.float32)
+    start_noise = rng.standard_normal(SHAPE).astype(np.float32)
+    sched = reference_scheduler("lcm", config, monkeypatch)
+    sched.set_timesteps(steps, strength=strength)
+    plan = samplers.make_plan(config, "lcm", steps, strength=strength)
+    np.testing.assert_array_equal(np.asarray(plan.timesteps), sched.timesteps.numpy())
+    noise = rng.standard_normal((plan.num_steps, 1) + SHAPE).astype(np.float32)
+    queue = NoiseQueue(torch.from_numpy(noise))
+    monkeypatch.setattr(sys.modules[type(sched).__module__], "randn_tensor", queue)
+    x = sched.add_noise(torch.from_numpy(init), torch.from_numpy(start_noise), sched.timesteps[:1])
+    for k, t in enumerate(sched.timesteps):
+        queue.step, queue.draw = k, 0
+        x = sched.step(torch_model(sched.scale_model_input(x, t), t), t, x).prev_sample
+    x_start = samplers.img2img_latents(plan, jnp.asarray(init), jnp.asarray(start_noise))
+    x0 = samplers.sample(jax_model, x_start, plan, noise=jnp.asarray(noise))
+    assert_close(x0, x.numpy(), f"lcm img2img strength {strength}")
