@@ -276,6 +276,8 @@ def test_cli_npy_output_and_latents_layout(tmp_path, model_dir, pipe):
     argv[argv.index(str(tmp_path / "noise.npy"))] = str(tmp_path / "bad.npy")
     argv[argv.index(str(out))] = str(tmp_path / "other.npy")
     assert main(argv) == 2 and not (tmp_path / "other.npy").exists()
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    assert main(argv) == 2 and not (tmp_path / "other.npy").exists()
 
 
 def test_samplers_command_lists_every_sampler(capsys):

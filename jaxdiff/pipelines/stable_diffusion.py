@@ -482,9 +482,10 @@ class StableDiffusion:
     ) -> GenerationResult:
         from jaxdiff.pipelines.images import binarize_mask, read_image
 
-        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        if isinstance(prompt, str) or prompt is None:
+        if prompt is None or isinstance(prompt, str):
             prompts = [prompt or ""] * batch
+        else:
+            prompts = list(prompt)
         b = len(prompts)
         if b < 1:
             raise PipelineInputError("batch must be >= 1")
@@ -543,7 +544,12 @@ class StableDiffusion:
 
         latent_shape = (height // f, width // f, self.configs["vae"].latent_channels)
         if latents is not None:
-            latents = np.load(latents) if isinstance(latents, (str, Path)) else np.asarray(latents)
+            if isinstance(latents, (str, Path)):
+                try:
+                    latents = np.load(latents)  # never unpickles (allow_pickle=False)
+                except (OSError, ValueError) as e:
+                    raise PipelineInputError(f"{latents}: not a readable .npy file ({e})") from None
+            latents = np.asarray(latents)
             expected = (b, latent_shape[2], latent_shape[0], latent_shape[1])
             if latents.shape != expected:
                 raise PipelineInputError(
