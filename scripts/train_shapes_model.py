@@ -1,0 +1,110 @@
+"""The recipe of jaxdiff's bundled shapes model, end to end and reproducible from its seeds.
+
+    python scripts/train_shapes_model.py --runs /work/runs [--vae-steps 600] [--unet-steps 3000]
+
+1. `jaxdiff make-shapes RUNS/shapes-data --n 20000 --seed 0` (held-out pairs excluded);
+2. stage 1, `configs/shapes_vae.py`: the autoencoder, then exported to RUNS/shapes-stage1;
+3. the VAE's `scaling_factor` set to 1 / (standard deviation of its latents on 512 images), so
+   the diffusion model sees unit-variance latents;
+4. stage 2, `configs/shapes.py`: the UNet and the CLIP text encoder on the frozen VAE's latents;
+5. the EMA weights exported in float16 to RUNS/shapes-model, ready to copy to
+   jaxdiff/assets/shapes-model (the folder `jaxdiff generate` uses without --model).
+
+Each stage resumes from its work directory's last checkpoint when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jaxdiff(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "jaxdiff", *args], check=True)
+
+
+def set_scaling_factor(model_dir: Path, data_dir: Path, n: int = 512) -> float:
+    """scaling_factor = 1 / std of the VAE's posterior means over `n` dataset images."""
+    from jaxdiff.convert import load_pipeline
+    from jaxdiff.models.build import module_for
+    from jaxdiff.pipelines.images import read_image
+
+    weights = load_pipeline(model_dir)
+    vae = module_for(weights.configs["vae"])
+    files = sorted(data_dir.glob("*.png"))[:n]
+    images = np.stack([read_image(f) for f in files]) * 2.0 - 1.0
+    means = [
+        np.asarray(
+            vae.apply({"params": weights.params["vae"]}, images[i : i + 64], method=vae.encode).mean
+        )
+        for i in range(0, len(images), 64)
+    ]
+    factor = float(1.0 / np.concatenate(means).std())
+    config_path = model_dir / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["scaling_factor"] = factor
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return factor
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, required=True, help="work folder for data and runs")
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    args = p.parse_args()
+    runs = args.runs
+    data = runs / "shapes-data"
+    if not data.exists():
+        jaxdiff("make-shapes", str(data), "--n", "20000", "--seed", "0")
+
+    stage1 = runs / "shapes-stage1"
+    if not stage1.exists():
+        jaxdiff(
+            "train",
+            str(REPO / "configs" / "shapes_vae.py"),
+            "--workdir",
+            str(runs / "shapes-vae"),
+            "--steps",
+            str(args.vae_steps),
+            "--set",
+            f"data_dir={data}",
+            "--no-progress",
+        )
+        jaxdiff("export", str(runs / "shapes-vae"), str(stage1))
+        print(f"VAE scaling_factor = {set_scaling_factor(stage1, data):.5f}")
+
+    jaxdiff(
+        "train",
+        str(REPO / "configs" / "shapes.py"),
+        "--workdir",
+        str(runs / "shapes-unet"),
+        "--steps",
+        str(args.unet_steps),
+        "--set",
+        f"data_dir={data}",
+        "--set",
+        f"model={stage1}",
+        "--no-progress",
+    )
+    jaxdiff("export", str(runs / "shapes-unet"), str(runs / "shapes-model"), "--force")
+    jaxdiff(
+        "convert",
+        str(runs / "shapes-model"),
+        str(runs / "shapes-model-fp16"),
+        "--dtype",
+        "float16",
+        "--force",
+    )
+    print(f"done: {runs / 'shapes-model-fp16'}")
+
+
+if __name__ == "__main__":
+    main()
