@@ -79,6 +79,17 @@ def conv(
     )
 
 
+def _affine(module: nn.Module, channels: int):
+    """A norm's per-channel scale (ones) and bias (zeros), in float32 for the math."""
+    scale = module.param(
+        "scale", _boxed(nn.initializers.ones_init(), ("norm",)), (channels,), module.param_dtype
+    )
+    bias = module.param(
+        "bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (channels,), module.param_dtype
+    )
+    return scale.astype(jnp.float32), bias.astype(jnp.float32)
+
+
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm over the channel (last) axis of NHWC or NTC input.
 
@@ -94,18 +105,13 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param(
-            "scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype
-        )
-        bias = self.param(
-            "bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype
-        )
+        scale, bias = _affine(self, c)
         x32 = x.astype(jnp.float32)
         grouped = x32.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         mean = grouped.mean(axis=(1, 3), keepdims=True)
         var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        y = y * scale + bias
         return y.astype(self.dtype)
 
 
@@ -119,17 +125,12 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param(
-            "scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype
-        )
-        bias = self.param(
-            "bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype
-        )
+        scale, bias = _affine(self, c)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(axis=-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        y = y * scale + bias
         return y.astype(self.dtype)
 
 
