@@ -330,8 +330,7 @@ def test_text_encoder_training_with_cached_latents(tmp_path):
     data = write_toy_dataset(tmp_path / "data", count=8, size=16)
     cfg = apply_overrides(
         TrainConfig(),
-        MICRO
-        + [f"data_dir={data}", "steps=2", "train_text_encoder=true", "cache_latents=true"],
+        MICRO + [f"data_dir={data}", "steps=2", "train_text_encoder=true", "cache_latents=true"],
     )
     result = loop.train(cfg, tmp_path / "run", progress=False)
     assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
