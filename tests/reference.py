@@ -132,3 +132,23 @@ def token_ids(rng, batch, length, vocab, bos, eos, pad):
         ids[b, 1 : n + 1] = rng.integers(3, min(vocab, 900), n)
         ids[b, n + 1] = eos
     return ids
+
+
+# jaxdiff sampler -> the diffusers scheduler it reproduces, with the options that select it
+# (diffusers' defaults otherwise: solver_order 2 for DPM-Solver++ and UniPC).
+SCHEDULER_OF = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}

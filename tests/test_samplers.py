@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from reference import SCHEDULER_OF
 from tolerances import BF16_MODEL_RTOL, SAMPLER_MOMENT_ATOL, assert_close
 
 from jaxdiff import samplers, schedules
@@ -21,28 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 
 SHAPE = (2, 4, 8, 8)
 
-REFERENCES = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2},
-    ),
-    "dpmpp_2m_sde": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
-    ),
-    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
-    "lcm": ("LCMScheduler", {}),
-}
+REFERENCES = SCHEDULER_OF
 DETERMINISTIC = ["ddim", "plms", "lms", "euler", "heun", "dpm2", "dpmpp_2m", "unipc"]
 
 

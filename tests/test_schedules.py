@@ -16,6 +16,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
     StableDiffusionImg2ImgPipeline,
 )
+from reference import SCHEDULER_OF
 from tolerances import assert_close
 
 from jaxdiff import samplers, schedules
@@ -184,23 +185,7 @@ def test_noise_schedule_keeps_bf16():
 
 # ---------------------------------------------------------------- inference timesteps and sigmas
 
-# sampler -> (diffusers class, extra config, supports karras/exponential)
-REFERENCES = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+REFERENCES = SCHEDULER_OF
 SIGMA_OPTIONS = {
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True},
