@@ -7,6 +7,10 @@ Run: (after configs/shapes_vae.py and its export)
     jaxdiff export /work/runs/shapes-unet /work/runs/shapes-model
 
 Random flips stay off: a flip would swap "left" and "right" against the caption.
+
+Measured on two CPU cores (jax 0.10.2): 0.7 steps/s after a ~3 minute latent cache; after 500
+of 2000 steps (12 minutes) the loss was 0.09 and `jaxdiff eval-shapes --n 40` gave 24% overall
+attribute accuracy: the text encoder, trained from scratch, needs far more steps than that.
 """
 
 import common
