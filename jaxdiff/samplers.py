@@ -215,7 +215,9 @@ def _step_heun(ctx, carry, c, noise):
     return carry._replace(latents=x)
 
 
-def _step_dpm2(ctx, carry, c, noise):
+def _dpm2_update(ctx, carry, c, sigma_target, added_noise):
+    """KDPM2: a half step to sigma_mid, then the full step to `sigma_target` with the slope
+    there, plus `added_noise` (the ancestral variant's fresh noise; 0 otherwise)."""
     x, sigma, sigma_mid = carry.latents, c["sigma"], c["sigma_mid"]
     out = ctx.model(_ve_scale(x, sigma), c["t"])
     d1 = (x - _ve_x0(out, x, sigma, ctx.prediction_type)) / sigma
@@ -224,26 +226,19 @@ def _step_dpm2(ctx, carry, c, noise):
     def second(_):
         out2 = ctx.model(_ve_scale(x_mid, sigma_mid), c["t_mid"])
         d2 = (x_mid - _ve_x0(out2, x_mid, sigma_mid, ctx.prediction_type)) / sigma_mid
-        return x + d2 * (c["sigma_next"] - sigma)
+        return x + d2 * (sigma_target - sigma) + added_noise
 
     # On the last step sigma_mid is 0: the first half-step already lands on sigma = 0.
     x = jax.lax.cond(c["second"] > 0, second, lambda _: x_mid, None)
     return carry._replace(latents=x)
 
 
+def _step_dpm2(ctx, carry, c, noise):
+    return _dpm2_update(ctx, carry, c, c["sigma_next"], 0.0)
+
+
 def _step_dpm2_a(ctx, carry, c, noise):
-    x, sigma, sigma_mid = carry.latents, c["sigma"], c["sigma_mid"]
-    out = ctx.model(_ve_scale(x, sigma), c["t"])
-    d1 = (x - _ve_x0(out, x, sigma, ctx.prediction_type)) / sigma
-    x_mid = x + d1 * (sigma_mid - sigma)
-
-    def second(_):
-        out2 = ctx.model(_ve_scale(x_mid, sigma_mid), c["t_mid"])
-        d2 = (x_mid - _ve_x0(out2, x_mid, sigma_mid, ctx.prediction_type)) / sigma_mid
-        return x + d2 * (c["sigma_down"] - sigma) + noise[0] * c["sigma_up"]
-
-    x = jax.lax.cond(c["second"] > 0, second, lambda _: x_mid, None)
-    return carry._replace(latents=x)
+    return _dpm2_update(ctx, carry, c, c["sigma_down"], noise[0] * c["sigma_up"])
 
 
 def _dpmpp_2m_update(ctx, carry, c, noise, sde: bool):
