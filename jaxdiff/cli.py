@@ -101,6 +101,21 @@ def _add_generation_flags(s, *, image: bool = False) -> None:
         help="compute dtype (default bfloat16 on GPU/TPU, float32 on CPU)",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # SDXL's micro-conditioning (diffusers' arguments of the same names).
+    s.add_argument(
+        "--original-size", type=_pair, default=None, help="SDXL: H,W (default: the size)"
+    )
+    s.add_argument("--crops-coords-top-left", type=_pair, default=(0, 0), help="SDXL: Y,X")
+    s.add_argument("--target-size", type=_pair, default=None, help="SDXL: H,W (default: the size)")
+    s.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers A,B, got {text!r}") from None
+    return a, b
 
 
 def _generation_kwargs(args) -> dict:
@@ -116,6 +131,10 @@ def _generation_kwargs(args) -> dict:
         seed=args.seed,
         batch=args.batch,
         progress=not args.no_progress,
+        original_size=args.original_size,
+        crops_coords_top_left=args.crops_coords_top_left,
+        target_size=args.target_size,
+        aesthetic_score=args.aesthetic_score,
     )
     for name in ("width", "height", "latents"):
         if getattr(args, name, None) is not None:

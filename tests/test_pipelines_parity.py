@@ -159,7 +159,8 @@ def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5, **opt
     if negative:
         argv += ["--negative-prompt", negative]
     for name, value in options.items():
-        argv += ["--" + name.replace("_", "-"), str(value)]
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        argv += ["--" + name.replace("_", "-"), text]
     assert main(argv) == 0
     ours = np.load(out)
 
@@ -223,6 +224,13 @@ def test_sd2_v_prediction_matches_diffusers(tmp_path, sd2, sampler):
 @pytest.mark.parametrize("batch,negative", [(1, None), (2, "ugly")])
 def test_sdxl_matches_diffusers(tmp_path, sdxl, batch, negative):
     _compare(tmp_path, *sdxl, "euler", batch, negative, guidance=5.0)
+
+
+def test_sdxl_micro_conditioning_matches_diffusers(tmp_path, sdxl):
+    _compare(
+        tmp_path, *sdxl, "euler", 1, "ugly", guidance=5.0,
+        original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(40, 40),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
