@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=8)
     s.set_defaults(fn=cmd_interpolate)
 
-    from jaxdiff.bench_cli import register as register_bench
+    from jaxdiff.bench.cli import register as register_bench
     from jaxdiff.data.cli import register as register_data
     from jaxdiff.train.cli import register as register_train
 

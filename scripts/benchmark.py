@@ -1,4 +1,4 @@
-"""Benchmark jaxdiff against diffusers (PyTorch): see jaxdiff/bench.py and docs/benchmarks.md.
+"""Benchmark jaxdiff against diffusers (PyTorch): see jaxdiff/bench/ and docs/benchmarks.md.
 
 python scripts/benchmark.py                          # the rows of this device (cpu or gpu)
 python scripts/benchmark.py --rows tiny-unet --json out.json

@@ -1,0 +1,97 @@
+"""Benchmarks of jaxdiff against diffusers (PyTorch): model steps, pipelines, training.
+
+Random weights at the real sizes; nothing is downloaded. Two sets of rows:
+
+- `cpu`: micro-benchmarks (self-attention over 4096 tokens, a 3x3 convolution) and the tiny
+  preset's UNet step, train step and text-to-image, each next to its PyTorch peer in the same
+  process (torch limited to `torch_threads` threads).
+- `gpu`: the real sizes of issue 7 (SD 1.5 and SDXL UNet steps, VAE decode, text encoding,
+  25-step text-to-image, the SD 1.5 train step), in bfloat16; with `compare`, diffusers in
+  float16 with SDPA attention.
+
+How a figure is made: a jax program is lowered and compiled first (`compile_s`; the persistent
+compilation cache is off unless asked for, so this is a cold compile), then called `warmup`
+times, then `runs` times, each call ending in `block_until_ready` (torch: `cuda.synchronize`);
+the figure is the median. FLOPs are XLA's cost analysis of the compiled program; a GPU whose
+dense bf16 peak is known gets model FLOPs utilization, anything else achieved GFLOP/s. XLA
+counts a loop body once, so rows whose program loops (the blocked CPU attention, the sampler's
+scan) give analytic FLOPs or none. `memory_bytes` is the compiled program's arguments, outputs
+and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none.
+
+The parts, each importing only those before it:
+
+- `jaxdiff.bench.harness`: measuring (`time_calls`, `measure_jax`, `measure_torch`, FLOPs,
+  memory, the peer ratio), `Row`, and the report (`run`, `validate`, `table`, the schema).
+- `jaxdiff.bench.rows`: the PyTorch peers and the rows (`ROWS`, `select_rows`).
+- `jaxdiff.bench.cli`: the flags (`add_arguments`) and `main`, which `scripts/benchmark.py` and
+  `jaxdiff bench` call; docs/benchmarks.md holds the figures.
+"""
+
+from jaxdiff.bench.cli import add_arguments, main
+from jaxdiff.bench.harness import (
+    GPU_XLA_FLAGS,
+    PEAK_BF16_TFLOPS,
+    REQUIRED_RESULT_KEYS,
+    SCHEMA,
+    Context,
+    Result,
+    Row,
+    Timing,
+    environment,
+    flops_of,
+    measure_jax,
+    measure_torch,
+    memory_of,
+    peak_tflops,
+    report,
+    run,
+    table,
+    time_calls,
+    validate,
+    with_peer_ratios,
+)
+from jaxdiff.bench.rows import (
+    ROWS,
+    attention_micro,
+    conv_micro,
+    select_rows,
+    text_encode,
+    text_to_image,
+    train_step,
+    unet_step,
+    vae_decode,
+)
+
+__all__ = [
+    "GPU_XLA_FLAGS",
+    "PEAK_BF16_TFLOPS",
+    "REQUIRED_RESULT_KEYS",
+    "ROWS",
+    "SCHEMA",
+    "Context",
+    "Result",
+    "Row",
+    "Timing",
+    "add_arguments",
+    "attention_micro",
+    "conv_micro",
+    "environment",
+    "flops_of",
+    "main",
+    "measure_jax",
+    "measure_torch",
+    "memory_of",
+    "peak_tflops",
+    "report",
+    "run",
+    "select_rows",
+    "table",
+    "text_encode",
+    "text_to_image",
+    "time_calls",
+    "train_step",
+    "unet_step",
+    "validate",
+    "vae_decode",
+    "with_peer_ratios",
+]

@@ -1,0 +1,100 @@
+"""The benchmark's command line: `add_arguments` and `main`, and the `jaxdiff bench` subcommand.
+
+`scripts/benchmark.py` and `jaxdiff bench` call them; both take the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from jaxdiff.bench.harness import GPU_XLA_FLAGS, Context, Result, run, table
+from jaxdiff.bench.rows import ROWS, select_rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help=f"rows to run, in order (default: the --device-rows set); one of: {', '.join(ROWS)}",
+    )
+    p.add_argument(
+        "--device-rows",
+        choices=["cpu", "gpu", "all"],
+        default=None,
+        help="the default set of rows (default: gpu on a GPU, cpu elsewhere)",
+    )
+    p.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the diffusers/PyTorch peer (default: on for the cpu rows)",
+    )
+    p.add_argument("--json", default=None, help="write the report here (rewritten after each row)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per case (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads on the CPU")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="use a persistent compilation cache here (compile_s then counts cache hits)",
+    )
+    p.add_argument(
+        "--xla-flags",
+        choices=["default", "gpu"],
+        default="default",
+        help="'gpu' appends GPU_XLA_FLAGS to XLA_FLAGS (before jax starts)",
+    )
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    """Run the benchmark from parsed `add_arguments` flags; print the table to stdout."""
+    if args.list:
+        for r in ROWS.values():
+            print(f"{r.name:<14} {r.device:<4} {r.help}")
+        return None
+    if args.runs < 1 or args.warmup < 0:
+        raise ValueError("--runs must be >= 1 and --warmup >= 0")
+    if args.xla_flags == "gpu":
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GPU_XLA_FLAGS).strip()
+    # jax must not take most of the GPU's memory up front: the torch peer shares the device.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    if args.cache:
+        jax.config.update("jax_compilation_cache_dir", args.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    device_rows = args.device_rows or ("gpu" if jax.default_backend() == "gpu" else "cpu")
+    rows = select_rows(args.rows, device_rows)
+    compare = args.compare if args.compare is not None else device_rows == "cpu"
+    threads = args.torch_threads or (os.cpu_count() if jax.default_backend() == "cpu" else None)
+    ctx = Context(runs=args.runs, warmup=args.warmup, compare=compare, torch_threads=threads)
+    doc = run(rows, ctx, args.json)
+    print(table([Result(**r) for r in doc["results"]]))
+    if doc["errors"]:
+        print("\nfailed rows: " + "; ".join(f"{k}: {v}" for k, v in doc["errors"].items()))
+    return doc
+
+
+def cmd_bench(args) -> None:
+    from jaxdiff.cli import UsageError
+
+    try:
+        doc = main(args)
+    except ValueError as e:
+        raise UsageError(f"bench: {e}") from None
+    if doc and doc["errors"]:
+        raise SystemExit(1)
+
+
+def register(subparsers) -> None:
+    """Add the `bench` subcommand to `jaxdiff`'s subparsers."""
+    s = subparsers.add_parser(
+        "bench", help="time model steps, pipelines and training (against diffusers with --compare)"
+    )
+    add_arguments(s)
+    s.set_defaults(fn=cmd_bench)

@@ -1,0 +1,397 @@
+"""The benchmark harness: timing, FLOPs, memory, the peer ratio, the report and its schema.
+
+How a figure is made is described in `jaxdiff.bench`. A `Row` is a named benchmark that `run`
+calls; the rows themselves are in `jaxdiff.bench.rows`, the command line in `jaxdiff.bench.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+
+SCHEMA = "jaxdiff-bench/1"
+
+# Dense bf16 peaks (TFLOP/s, no sparsity) by a substring of jax's device_kind.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+
+# Candidates for one GPU, recorded with each run (`--xla-flags gpu`); not yet measured here.
+GPU_XLA_FLAGS = (
+    "--xla_gpu_enable_triton_gemm=false "  # cuBLAS/cuBLASLt for every GEMM (JAX-Toolbox default)
+    "--xla_gpu_enable_latency_hiding_scheduler=true"  # overlaps async work with compute
+)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    runs_ms: list[float]
+
+
+def time_calls(fn: Callable[[], object], *, runs: int, warmup: int, clock=time.perf_counter):
+    """Call `fn` `warmup` times, then `runs` times timed; `fn` must wait for its own result."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = clock()
+        fn()
+        times.append(1e3 * (clock() - start))
+    return Timing(statistics.median(times), times)
+
+
+@dataclasses.dataclass
+class Result:
+    """One measured case of one row, by one implementation."""
+
+    row: str  # the row name, as `--rows` takes it
+    case: str  # what was run: model, batch, size, dtype
+    impl: str  # "jaxdiff", or the peer ("diffusers", "torch"), or a formulation's name
+    median_ms: float
+    runs_ms: list[float]
+    compile_s: float | None = None
+    flops: float | None = None  # per call
+    flops_source: str | None = None  # "xla" (cost analysis) or "analytic"
+    gflops_per_s: float | None = None
+    mfu: float | None = None  # model FLOPs utilization, known GPUs only
+    memory_bytes: int | None = None
+    items_per_s: float | None = None  # images per second (train, text-to-image)
+    peer: bool = False  # the reference implementation of its case
+    vs_peer: float | None = None  # peer time / this time: > 1 is faster than the peer
+    note: str = ""
+
+
+def flops_of(compiled) -> float | None:
+    """FLOPs per call from XLA's cost analysis (a dict, or a list of one per jax version)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends and versions have none
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost:
+        return None
+    flops = cost.get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def memory_of(compiled) -> int | None:
+    """Bytes of a compiled program: arguments + outputs + temporaries, less donated aliases."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return int(total)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    for name, peak in PEAK_BF16_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def _rates(result: Result, device_kind: str, low_precision: bool) -> Result:
+    if result.flops:
+        per_s = result.flops / (result.median_ms / 1e3)
+        result.gflops_per_s = round(per_s / 1e9, 2)
+        peak = peak_tflops(device_kind) if low_precision else None
+        if peak:
+            result.mfu = round(per_s / (peak * 1e12), 4)
+    return result
+
+
+@dataclasses.dataclass
+class Context:
+    """Settings every row reads."""
+
+    runs: int = 10
+    warmup: int = 2
+    compare: bool = True  # measure the PyTorch peer where a row has one
+    torch_threads: int | None = None  # torch.set_num_threads on the CPU
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+
+    @property
+    def device_kind(self) -> str:
+        import jax
+
+        return jax.devices()[0].device_kind
+
+
+def measure_jax(
+    ctx: Context,
+    fn,
+    args: tuple,
+    *,
+    row: str,
+    case: str,
+    impl: str = "jaxdiff",
+    carry: bool = False,
+    items: int | None = None,
+    flops: float | None = None,
+    low_precision: bool = False,
+    donate_argnums=(),
+) -> Result:
+    """Compile `fn(*args)` (a jitted function, or one to jit), then time it.
+
+    carry: `fn` returns (new first argument, other outputs), as a train step with its state
+        donated does; each call then feeds the new first argument to the next.
+    flops: analytic FLOPs per call, for programs whose cost analysis counts a loop body once.
+    """
+    import jax
+
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate_argnums)
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    state = list(args)
+
+    def call():
+        out = compiled(*state)
+        if carry:
+            state[0] = out[0]
+        jax.block_until_ready(out)
+
+    timing = time_calls(call, runs=ctx.runs, warmup=ctx.warmup)
+    xla_flops = flops_of(compiled)
+    result = Result(
+        row,
+        case,
+        impl,
+        round(timing.median_ms, 3),
+        [round(t, 3) for t in timing.runs_ms],
+        compile_s=round(compile_s, 2),
+        flops=flops or xla_flops,
+        flops_source=("analytic" if flops else "xla") if (flops or xla_flops) else None,
+        memory_bytes=memory_of(compiled),
+        items_per_s=round(items / (timing.median_ms / 1e3), 3) if items else None,
+    )
+    return _rates(result, ctx.device_kind, low_precision)
+
+
+def measure_torch(
+    ctx: Context,
+    fn: Callable[[], object],
+    *,
+    row: str,
+    case: str,
+    impl: str,
+    items: int | None = None,
+    flops: float | None = None,
+) -> Result:
+    """Time an eager PyTorch call (the peer); its first call is reported as `compile_s`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+
+    def call():
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    call()
+    first_s = time.perf_counter() - start
+    timing = time_calls(call, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0))
+    result = Result(
+        row,
+        case,
+        impl,
+        round(timing.median_ms, 3),
+        [round(t, 3) for t in timing.runs_ms],
+        compile_s=round(first_s, 2),
+        flops=flops,
+        flops_source="analytic" if flops else None,
+        memory_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
+        items_per_s=round(items / (timing.median_ms / 1e3), 3) if items else None,
+        peer=True,
+        note="eager; compile_s is the first call",
+    )
+    return _rates(result, _torch_device_name() or "", True)
+
+
+def _torch_device_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _have_peer() -> bool:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def with_peer_ratios(results: list[Result]) -> list[Result]:
+    """Set `vs_peer` on every non-peer result whose (row, case) has a peer."""
+    peers = {(r.row, r.case): r for r in results if r.peer}
+    for r in results:
+        p = peers.get((r.row, r.case))
+        if p is not None and not r.peer:
+            r.vs_peer = round(p.median_ms / r.median_ms, 3)
+    return results
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def environment(ctx: Context) -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "compilation_cache": jax.config.jax_compilation_cache_dir or None,
+        "runs": ctx.runs,
+        "warmup": ctx.warmup,
+    }
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "diffusers", "transformers"):
+        env[name] = _version(name)
+    if _have_peer():
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        env["torch_device"] = _torch_device_name() or "cpu"
+    return env
+
+
+def report(env: dict, results: list[Result], errors: dict[str, str]) -> dict:
+    return {
+        "schema": SCHEMA,
+        "environment": env,
+        "results": [dataclasses.asdict(r) for r in with_peer_ratios(results)],
+        "errors": errors,
+    }
+
+
+REQUIRED_RESULT_KEYS = {f.name for f in dataclasses.fields(Result)}
+
+
+def validate(doc: dict) -> None:
+    """Raise ValueError unless `doc` is a report of this schema."""
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"schema {doc.get('schema')!r} != {SCHEMA!r}")
+    for key in ("environment", "results", "errors"):
+        if key not in doc:
+            raise ValueError(f"missing {key!r}")
+    for key in ("date", "device_kind", "jax", "runs"):
+        if key not in doc["environment"]:
+            raise ValueError(f"environment lacks {key!r}")
+    for r in doc["results"]:
+        missing = REQUIRED_RESULT_KEYS - set(r)
+        if missing:
+            raise ValueError(f"result lacks {sorted(missing)}")
+        if not r["median_ms"] > 0 or len(r["runs_ms"]) < 1:
+            raise ValueError(f"result {r['row']}/{r['impl']} has no timing")
+
+
+def _fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table(results: list[Result]) -> str:
+    """A Markdown table of the results, the peer next to each jaxdiff figure."""
+    head = (
+        "| row | case | impl | median ms | compile s | GFLOP/s | MFU | memory MiB | items/s "
+        "| vs peer |"
+    )
+    lines = [head, "|" + "---|" * head.count(" |")]
+    for r in with_peer_ratios(results):
+        mem = None if r.memory_bytes is None else r.memory_bytes / 2**20
+        lines.append(
+            f"| {r.row} | {r.case} | {r.impl} | {r.median_ms:.2f} | {_fmt(r.compile_s, '.2f')} "
+            f"| {_fmt(r.gflops_per_s, '.1f')} | {_fmt(r.mfu, '.1%')} | {_fmt(mem, '.0f')} "
+            f"| {_fmt(r.items_per_s, '.2f')} | {_fmt(r.vs_peer, '.2f', '')}"
+            f"{'x' if r.vs_peer else ''} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    device: str  # "cpu" or "gpu": which default set it belongs to
+    help: str
+    run: Callable[[Context, str], list[Result]]  # (context, row name) -> results
+
+
+def run(rows: list[Row], ctx: Context, json_path: str | None = None) -> dict:
+    """Run `rows` in order; a row that fails is reported and the others go on.
+
+    The JSON report is rewritten after every row, so a run cut short keeps what it measured.
+    """
+    env = environment(ctx)
+    results: list[Result] = []
+    errors: dict[str, str] = {}
+    for row in rows:
+        ctx.log(f"-- {row.name}: {row.help}")
+        start = time.perf_counter()
+        try:
+            out = row.run(ctx, row.name)
+            results.extend(out)
+            for r in out:
+                ctx.log(f"   {r.impl:<30} {r.case}: {r.median_ms:.2f} ms")
+        except Exception as e:  # one failing row must not hide the others
+            import traceback
+
+            errors[row.name] = f"{type(e).__name__}: {e}"[:2000]
+            ctx.log(traceback.format_exc(limit=6))
+        ctx.log(f"   ({time.perf_counter() - start:.0f} s)")
+        env["load_average_end"] = list(os.getloadavg())
+        doc = report(env, results, errors)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(doc, f, indent=1)
+    return report(env, results, errors)
