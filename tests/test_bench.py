@@ -1,4 +1,4 @@
-"""The benchmark harness's logic (jaxdiff/bench.py): timing, FLOPs, row selection, the report.
+"""The benchmark harness's logic (jaxdiff/bench/): timing, FLOPs, row selection, the report.
 
 No timed assertions: figures come from the benchmark itself (docs/benchmarks.md).
 """
@@ -172,3 +172,40 @@ def test_blocked_cpu_attention_matches_dot_product_attention(tokens):
 
     want = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(got.shape)
     assert_close(got, want, "attention")
+
+
+@pytest.mark.parametrize(
+    "tokens, masked",
+    [(48, False), (48, True), (600, False)],
+    ids=["single-block", "causal-and-padding-mask", "query-blocked"],
+)
+def test_cpu_attention_gradient_matches_autodiff_of_dot_product_attention(tokens, masked):
+    """The CPU path's hand-written backward (flash attention's, softmax recomputed from the
+    log-sum-exp) against XLA's autodiff of jax.nn.dot_product_attention, for q, k and v."""
+    heads, dim, batch = 2, 8, 2
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((batch, tokens, heads * dim), np.float32) for _ in range(3))
+    cotangent = rng.standard_normal(q.shape, np.float32)
+    mask = None
+    if masked:  # CLIP's case: causal, and the second prompt's last 10 tokens are padding
+        valid = np.ones((batch, 1, 1, tokens), bool)
+        valid[1, ..., -10:] = False
+        mask = jnp.asarray(valid)
+
+    def split(x):
+        return x.reshape(batch, tokens, heads, dim)
+
+    def ours(q, k, v):
+        out = layers.attention(q, k, v, num_heads=heads, mask=mask, is_causal=masked)
+        return jnp.sum(out * cotangent)
+
+    def reference(q, k, v):
+        out = jax.nn.dot_product_attention(
+            split(q), split(k), split(v), mask=mask, is_causal=masked
+        )
+        return jnp.sum(out.reshape(q.shape) * cotangent)
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(reference, argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert_close(g, w, f"d{name}")

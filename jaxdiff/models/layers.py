@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -142,34 +143,84 @@ _CPU_QUERY_BLOCK = 256
 _CPU_BLOCKED_MIN_LOGITS = 512 * 512
 
 
+def _attention_logits(q, k, keep, scale):
+    logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) * scale
+    if keep is not None:  # jax.nn.dot_product_attention's large negative, not -inf
+        logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    return logits
+
+
+def _attention_block_fwd(q, k, v, keep, scale):
+    """One attention block and the log-sum-exp of its logits [..., T, 1]."""
+    logits = _attention_logits(q, k, keep, scale)
+    peak = logits.max(-1, keepdims=True)
+    weights = jnp.exp(logits - peak)
+    total = weights.sum(-1, keepdims=True)
+    out = jnp.einsum(
+        "...ts,...sh->...th", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    # The softmax is normalized after the second product: [T, H] divided instead of [T, S].
+    return out / total, peak + jnp.log(total)
+
+
+@jax.custom_vjp
+def _attention_block(q, k, v, keep, scale):
+    """softmax(q k^T * scale) v over the last two axes; q [..., T, H], k and v [..., S, H].
+
+    The custom backward is flash attention's: it recomputes the softmax from the saved
+    log-sum-exp instead of keeping it (so a query-blocked forward keeps its memory bound in the
+    backward pass too), and forms each gradient as one plain matrix product. XLA's own gradient
+    of the forward measured 1.6x slower on the CPU (docs/benchmarks.md).
+    """
+    return _attention_block_fwd(q, k, v, keep, scale)[0].astype(q.dtype)
+
+
+def _attention_block_vjp_fwd(q, k, v, keep, scale):
+    out, lse = _attention_block_fwd(q, k, v, keep, scale)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, keep, scale, out, lse)
+
+
+def _attention_block_vjp_bwd(residuals, d_out):
+    q, k, v, keep, scale, out, lse = residuals
+    f32 = jnp.float32
+    probs = jnp.exp(_attention_logits(q, k, keep, scale) - lse)
+    d_out = d_out.astype(f32)
+    d_v = jnp.einsum("...ts,...th->...sh", probs, d_out)
+    d_probs = jnp.einsum("...th,...sh->...ts", d_out, v, preferred_element_type=f32)
+    row = (d_out * out.astype(f32)).sum(-1, keepdims=True)
+    d_logits = probs * (d_probs - row) * scale
+    d_q = jnp.einsum("...ts,...sh->...th", d_logits, k, preferred_element_type=f32)
+    d_k = jnp.einsum("...ts,...th->...sh", d_logits, q, preferred_element_type=f32)
+    d_keep = None if keep is None else np.zeros(keep.shape, jax.dtypes.float0)
+    return (
+        d_q.astype(q.dtype),
+        d_k.astype(k.dtype),
+        d_v.astype(v.dtype),
+        d_keep,
+        jnp.zeros_like(scale),
+    )
+
+
+_attention_block.defvjp(_attention_block_vjp_fwd, _attention_block_vjp_bwd)
+
+
 def _attention_cpu(q, k, v, mask, is_causal):
     """Attention on the CPU: q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H].
 
     `jax.nn.dot_product_attention`'s XLA path is 2-4x slower on the CPU than plain matrix
     products (docs/benchmarks.md). Heads go first, so each (batch, head) pair is one contiguous
     matrix product; long sequences run in query blocks (`lax.map`) that keep the logits in cache.
-    Logits and softmax are float32 whatever the compute dtype, as in dot_product_attention; the
-    softmax is normalized after the second product, which divides [T, H] instead of [T, S].
+    Logits and softmax are float32 whatever the compute dtype, as in dot_product_attention.
     """
     b, t, n, h = q.shape
     s = k.shape[1]
-    scale = 1.0 / float(h) ** 0.5
+    scale = jnp.float32(1.0 / float(h) ** 0.5)
 
     def heads_first(x):  # [B, L, N, H] -> [B*N, L, H]
         return jnp.asarray(x).transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
 
     qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
-
-    def block(qb, kb, vb, keep=None):  # qb [..., T', H], kb and vb [..., S, H] -> [..., T', H]
-        logits = jnp.einsum("...th,...sh->...ts", qb, kb, preferred_element_type=jnp.float32)
-        logits = logits * scale
-        if keep is not None:  # jax.nn.dot_product_attention's large negative, not -inf
-            logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
-        weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-        out = jnp.einsum(
-            "...ts,...sh->...th", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32
-        )
-        return out / weights.sum(-1, keepdims=True)
 
     if mask is not None or is_causal or t * s < _CPU_BLOCKED_MIN_LOGITS:
         keep = None
@@ -180,7 +231,7 @@ def _attention_cpu(q, k, v, mask, is_causal):
             if is_causal:
                 keep = keep & jnp.tril(jnp.ones((t, s), bool))
             keep = keep.reshape(b * n, t, s)
-        out = block(qh, kh, vh, keep)
+        out = _attention_block(qh, kh, vh, keep, scale)
     else:
         rows = _CPU_QUERY_BLOCK
         blocks = -(-t // rows)
@@ -190,7 +241,7 @@ def _attention_cpu(q, k, v, mask, is_causal):
 
         def one(args):  # one query block of one (batch, head) pair
             index, qb = args
-            return block(qb, kh[index // blocks], vh[index // blocks])
+            return _attention_block(qb, kh[index // blocks], vh[index // blocks], None, scale)
 
         out = jax.lax.map(one, (jnp.arange(b * n * blocks), q_blocks))
         out = out.reshape(b * n, blocks * rows, h)[:, :t]
