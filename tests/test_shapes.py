@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -469,18 +468,19 @@ def test_cli_make_shapes(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def test_cli_eval_shapes(tmp_path, capsys, monkeypatch):
+def test_cli_eval_shapes(tmp_path, capsys):
     run = _tiny_cli()
     run("eval-shapes", "--reference", "--n", 8, "--worst", tmp_path / "worst.png")
     printed = capsys.readouterr().out
     assert "all correct" in printed and (tmp_path / "worst.png").exists()
     assert printed.count("100.0") >= 7 * 5
-    with pytest.raises(UsageError, match="exactly one"):
-        run("eval-shapes")
-    with pytest.raises(UsageError, match="exactly one"):
+    with pytest.raises(UsageError, match="at most one"):
         run("eval-shapes", "--reference", "--model", tmp_path)
     with pytest.raises(UsageError, match="--n"):
         run("eval-shapes", "--reference", "--n", 0)
-    monkeypatch.setitem(sys.modules, "jaxdiff.pipelines", None)  # import fails
-    with pytest.raises(UsageError, match="needs the text-to-image pipeline"):
-        run("eval-shapes", "--model", tmp_path)
+    with pytest.raises(UsageError, match="--steps"):
+        run("eval-shapes", "--model", tmp_path, "--steps", 0)
+    with pytest.raises(UsageError, match="not a folder"):
+        run("eval-shapes", "--model", tmp_path / "missing")
+    with pytest.raises(UsageError, match="unknown sampler 'nope'"):
+        run("eval-shapes", "--model", tmp_path, "--sampler", "nope")

@@ -1,7 +1,11 @@
 """The `jaxdiff make-shapes` and `jaxdiff eval-shapes` commands (wired in by `jaxdiff.cli`).
 
     jaxdiff make-shapes OUT [--n N] [--seed S] [--size 64] [--two-object-fraction F] [--force]
-    jaxdiff eval-shapes (--model DIR | --reference) [--n N] [--seed S] [--worst PATH.png]
+    jaxdiff eval-shapes [--model DIR | --reference] [--n N] [--seed S] [--worst PATH.png]
+                        [--steps N] [--guidance G] [--sampler NAME]
+
+Without --model or --reference, eval-shapes scores the bundled model (`jaxdiff generate`'s
+default), with `jaxdiff generate`'s default sampling settings.
 
 `eval-shapes --reference` scores the dataset's own renderings of the prompts: a check of the
 analyzer (every number should be 100.0) that needs no model.
@@ -53,20 +57,25 @@ def cmd_eval_shapes(args) -> None:
 
     if args.n < 1:
         raise UsageError(f"eval-shapes: --n must be at least 1, not {args.n}")
-    if (args.model is None) == (not args.reference):
-        raise UsageError("eval-shapes: give exactly one of --model DIR and --reference")
+    if args.model is not None and args.reference:
+        raise UsageError("eval-shapes: give at most one of --model DIR and --reference")
+    if args.steps < 1:
+        raise UsageError(f"eval-shapes: --steps must be at least 1, not {args.steps}")
     if args.reference:
         generate_fn = reference_generate_fn()
     else:
-        try:
-            from jaxdiff.pipelines import generate_fn_for_model
-        except ImportError:
-            raise UsageError(
-                "eval-shapes needs the text-to-image pipeline, which is not available"
-            ) from None
-        if not Path(args.model).is_dir():
+        from jaxdiff.pipelines import generate_fn_for_model
+        from jaxdiff.samplers import SAMPLERS
+
+        if args.model is not None and not Path(args.model).is_dir():
             raise UsageError(f"eval-shapes: {args.model}: not a folder")
-        generate_fn = generate_fn_for_model(args.model)
+        if args.sampler is not None and args.sampler not in SAMPLERS:
+            raise UsageError(
+                f"eval-shapes: unknown sampler {args.sampler!r}; see `jaxdiff samplers`"
+            )
+        generate_fn = generate_fn_for_model(
+            args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler
+        )
     report = evaluate(generate_fn, args.n, args.seed, worst_k=16 if args.worst else 0)
     print(format_report(report))
     if args.worst:
@@ -85,7 +94,9 @@ def register(subparsers) -> None:
     s.set_defaults(fn=cmd_make_shapes)
 
     s = subparsers.add_parser("eval-shapes", help="score a model on the shapes grammar")
-    s.add_argument("--model", default=None, help="a text-to-image model folder")
+    s.add_argument(
+        "--model", default=None, help="a text-to-image model folder (default: the bundled model)"
+    )
     s.add_argument(
         "--reference",
         action="store_true",
@@ -94,4 +105,7 @@ def register(subparsers) -> None:
     s.add_argument("--n", type=int, default=200, help="number of prompts")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--worst", default=None, help="write the worst cases as a PNG grid here")
+    s.add_argument("--steps", type=int, default=30, help="sampling steps (as jaxdiff generate)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (as jaxdiff generate)")
+    s.add_argument("--sampler", default=None, help="default: the model's scheduler")
     s.set_defaults(fn=cmd_eval_shapes)
