@@ -90,6 +90,20 @@ def test_every_shipped_config_parses(path):
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
+def test_a_run_can_stop_inside_a_longer_schedule():
+    from jaxdiff.train.state import learning_rate_schedule
+
+    base = dict(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    full = learning_rate_schedule(TrainConfig(steps=100, **base))
+    first = learning_rate_schedule(TrainConfig(steps=40, schedule_steps=100, **base))
+    short = learning_rate_schedule(TrainConfig(steps=40, **base))
+    for step in (0, 5, 10, 25, 39):
+        assert float(first(step)) == float(full(step))
+    assert float(short(39)) < float(full(39))  # without it, the schedule ends at step 40
+    with pytest.raises(ConfigError, match="schedule_steps"):
+        TrainConfig(schedule_steps=-1)
+
+
 def test_overrides_are_typed():
     cfg = apply_overrides(
         TrainConfig(),
@@ -322,7 +336,8 @@ def test_two_processes_equal_one(uninterrupted, tmp_path):
 
 def test_text_encoder_training_with_cached_latents(tmp_path):
     """train_text_encoder and cache_latents together: the text encoder's weights move, the VAE's
-    do not, and the loss is finite."""
+    do not, and the loss is finite. The run trains a v-prediction UNet from an epsilon model, and
+    the export says so in its scheduler config."""
     from flax import traverse_util
 
     from jaxdiff.train import loop
@@ -330,7 +345,9 @@ def test_text_encoder_training_with_cached_latents(tmp_path):
     data = write_toy_dataset(tmp_path / "data", count=8, size=16)
     cfg = apply_overrides(
         TrainConfig(),
-        MICRO + [f"data_dir={data}", "steps=2", "train_text_encoder=true", "cache_latents=true"],
+        MICRO
+        + [f"data_dir={data}", "steps=2", "train_text_encoder=true", "cache_latents=true"]
+        + ["prediction_type=v_prediction"],
     )
     result = loop.train(cfg, tmp_path / "run", progress=False)
     assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
@@ -338,7 +355,10 @@ def test_text_encoder_training_with_cached_latents(tmp_path):
     loop.export(tmp_path / "run", tmp_path / "out", use_ema=False)
     from jaxdiff.convert import load_pipeline
 
-    trained = load_pipeline(tmp_path / "out").params
+    exported = load_pipeline(tmp_path / "out")
+    assert loop.prepare(cfg).base.scheduler_config["prediction_type"] == "epsilon"
+    assert exported.scheduler_config["prediction_type"] == "v_prediction"
+    trained = exported.params
     for name, moved in (("text_encoder", True), ("vae", False)):
         before = start.params[name] if name in start.params else start.frozen[name]
         a = traverse_util.flatten_dict(jax.device_get(before))

@@ -56,6 +56,9 @@ class TrainConfig:
 
     # Optimization: AdamW, warmup then constant or cosine, global-norm clipping.
     steps: int = 100  # optimizer updates
+    # The cosine schedule's length (0 = steps): a run may stop early inside a longer schedule and
+    # be continued as a new stage, reproducibly.
+    schedule_steps: int = 0
     batch_size: int = 8  # global, per optimizer update
     grad_accum: int = 1  # micro-batches per update (batch_size / grad_accum each)
     learning_rate: float = 1e-4
@@ -107,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"caption_dropout={self.caption_dropout} is not in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} is not in [0, 1)")
+        if self.schedule_steps < 0:
+            raise ConfigError(f"schedule_steps={self.schedule_steps} must be >= 0 (0 = steps)")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")

@@ -133,7 +133,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
             0.0,
             cfg.learning_rate,
             warmup_steps=cfg.warmup_steps,
-            decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+            decay_steps=max(cfg.schedule_steps or cfg.steps, cfg.warmup_steps + 1),
             end_value=cfg.learning_rate * cfg.min_lr_ratio,
         )
     if cfg.warmup_steps == 0:
