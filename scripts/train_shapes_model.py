@@ -1,22 +1,27 @@
 """The recipe of jaxdiff's bundled shapes model, end to end and reproducible from its seeds.
 
-    python scripts/train_shapes_model.py --runs /work/runs [--vae-steps 600] [--unet-steps 3000]
+    python scripts/train_shapes_model.py --runs /work/runs
 
 1. `jaxdiff make-shapes RUNS/shapes-data --n 20000 --seed 0` (held-out pairs excluded);
-2. stage 1, `configs/shapes_vae.py`: the autoencoder, then exported to RUNS/shapes-stage1;
-3. the VAE's `scaling_factor` set to 1 / (standard deviation of its latents on 512 images), so
-   the diffusion model sees unit-variance latents;
-4. stage 2, `configs/shapes.py`: the UNet and the CLIP text encoder on the frozen VAE's latents;
-5. the EMA weights exported in float16 to RUNS/shapes-model, ready to copy to
+2. stage 1, `configs/shapes_vae.py`: the autoencoder, exported to RUNS/shapes-stage1, its
+   `scaling_factor` set to 1 / (standard deviation of its latents on 512 images) so the
+   diffusion model sees unit-variance latents, and its UNet replaced by a fresh
+   `jaxdiff init shapes --seed 0` one;
+3. stage 2, `configs/shapes.py`: the UNet and the CLIP text encoder on the frozen VAE's latents
+   (epsilon objective, Min-SNR), exported to RUNS/shapes-stage2;
+4. stage 3, `configs/shapes_v.py`: the same continued with v-prediction (positions);
+5. the EMA weights exported in float16 to RUNS/shapes-model-fp16, ready to copy to
    jaxdiff/assets/shapes-model (the folder `jaxdiff generate` uses without --model).
 
-Each stage resumes from its work directory's last checkpoint when run again.
+Each stage resumes from its work directory's last checkpoint when run again. The configs name
+/work/runs; this script points them at RUNS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,47 +59,40 @@ def set_scaling_factor(model_dir: Path, data_dir: Path, n: int = 512) -> float:
     return factor
 
 
+def train(config: str, workdir: Path, data: Path, model: Path | None = None) -> None:
+    args = ["train", str(REPO / "configs" / config), "--workdir", str(workdir)]
+    args += ["--set", f"data_dir={data}", "--no-progress"]
+    if model is not None:
+        args += ["--set", f"model={model}"]
+    jaxdiff(*args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, required=True, help="work folder for data and runs")
-    p.add_argument("--vae-steps", type=int, default=600)
-    p.add_argument("--unet-steps", type=int, default=3000)
-    args = p.parse_args()
-    runs = args.runs
+    runs = p.parse_args().runs
     data = runs / "shapes-data"
     if not data.exists():
         jaxdiff("make-shapes", str(data), "--n", "20000", "--seed", "0")
 
     stage1 = runs / "shapes-stage1"
     if not stage1.exists():
-        jaxdiff(
-            "train",
-            str(REPO / "configs" / "shapes_vae.py"),
-            "--workdir",
-            str(runs / "shapes-vae"),
-            "--steps",
-            str(args.vae_steps),
-            "--set",
-            f"data_dir={data}",
-            "--no-progress",
-        )
+        train("shapes_vae.py", runs / "shapes-vae", data)
         jaxdiff("export", str(runs / "shapes-vae"), str(stage1))
         print(f"VAE scaling_factor = {set_scaling_factor(stage1, data):.5f}")
+        # Stage 2's UNet starts from `jaxdiff init shapes --seed 0` (the shipped model did).
+        fresh = runs / "shapes-init"
+        jaxdiff("init", "shapes", str(fresh), "--seed", "0", "--force")
+        shutil.rmtree(stage1 / "unet")
+        shutil.copytree(fresh / "unet", stage1 / "unet")
 
-    jaxdiff(
-        "train",
-        str(REPO / "configs" / "shapes.py"),
-        "--workdir",
-        str(runs / "shapes-unet"),
-        "--steps",
-        str(args.unet_steps),
-        "--set",
-        f"data_dir={data}",
-        "--set",
-        f"model={stage1}",
-        "--no-progress",
-    )
-    jaxdiff("export", str(runs / "shapes-unet"), str(runs / "shapes-model"), "--force")
+    stage2 = runs / "shapes-stage2"
+    if not stage2.exists():
+        train("shapes.py", runs / "shapes-unet", data, stage1)
+        jaxdiff("export", str(runs / "shapes-unet"), str(stage2))
+
+    train("shapes_v.py", runs / "shapes-v", data, stage2)
+    jaxdiff("export", str(runs / "shapes-v"), str(runs / "shapes-model"), "--force")
     jaxdiff(
         "convert",
         str(runs / "shapes-model"),

@@ -157,8 +157,9 @@ _PRESETS.append(
         "StableDiffusionPipeline",
         UNetConfig(
             sample_size=16,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            # Attention at 8x8 and 4x4 only: at 16x16 it costs 45% of a CPU train step.
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             block_out_channels=(64, 128, 128),
             layers_per_block=1,
             norm_num_groups=16,

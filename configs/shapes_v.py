@@ -1,0 +1,49 @@
+"""Stage 3 of the bundled shapes model: stage 2's UNet and text encoder, continued with
+v-prediction and no Min-SNR weighting.
+
+Why: the layout (where an object goes) is decided at the highest noise levels, where the text is
+the only information. In terms of the x0 error, the epsilon loss weights a timestep by its SNR
+and Min-SNR by min(SNR, gamma), both about 0.005 at t = 999, while the v loss weights it by
+1 + SNR. After stage 2, `eval-shapes` read background, colors, shapes and sizes well but
+positions at chance: the model had not learned "left", "top", ... at all.
+
+Run: (after configs/shapes.py, exported at its last step to RUNS/shapes-stage2)
+    jaxdiff train configs/shapes_v.py --workdir RUNS/shapes-v \\
+        --set data_dir=RUNS/shapes-data --set model=RUNS/shapes-stage2
+    jaxdiff export RUNS/shapes-v RUNS/shapes-model
+
+The export writes prediction_type "v_prediction" into the scheduler config.
+"""
+
+import common
+
+
+def get_config():
+    return common.base(
+        task="unet",
+        model="/work/runs/shapes-stage2",
+        train_text_encoder=True,
+        resolution=64,
+        random_flip=False,
+        cache_latents=True,
+        prediction_type="v_prediction",
+        min_snr_gamma=0.0,
+        batch_size=32,
+        steps=3000,
+        learning_rate=5e-4,
+        warmup_steps=100,
+        lr_schedule="cosine",
+        min_lr_ratio=0.05,
+        caption_dropout=0.1,
+        ema_decay=0.999,
+        checkpoint_every=250,
+        sample_every=500,
+        sample_prompts=(
+            "a large red circle in the center on a blue background",
+            "a small yellow square on the left on a black background",
+            "a large green triangle on the top on a white background",
+            "a small purple circle on the top and a small orange square on the bottom on a green background",
+        ),
+        sample_steps=20,
+        seed=1,
+    )
