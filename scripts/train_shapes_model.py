@@ -9,8 +9,10 @@
    `jaxdiff init shapes --seed 0` one;
 3. stage 2, `configs/shapes.py`: the UNet and the CLIP text encoder on the frozen VAE's latents
    (epsilon objective, Min-SNR), exported to RUNS/shapes-stage2;
-4. stage 3, `configs/shapes_v.py`: the same continued with v-prediction (positions);
-5. the EMA weights exported in float16 to RUNS/shapes-model-fp16, ready to copy to
+4. stage 3, `configs/shapes_v.py`: the same continued with v-prediction (positions),
+   exported to RUNS/shapes-stage3;
+5. stage 4, `configs/shapes_late.py`: continued with the noisiest timesteps drawn more often;
+6. the EMA weights exported in float16 to RUNS/shapes-model-fp16, ready to copy to
    jaxdiff/assets/shapes-model (the folder `jaxdiff generate` uses without --model).
 
 Each stage resumes from its work directory's last checkpoint when run again. The configs name
@@ -91,8 +93,13 @@ def main() -> None:
         train("shapes.py", runs / "shapes-unet", data, stage1)
         jaxdiff("export", str(runs / "shapes-unet"), str(stage2))
 
-    train("shapes_v.py", runs / "shapes-v", data, stage2)
-    jaxdiff("export", str(runs / "shapes-v"), str(runs / "shapes-model"), "--force")
+    stage3 = runs / "shapes-stage3"
+    if not stage3.exists():
+        train("shapes_v.py", runs / "shapes-v", data, stage2)
+        jaxdiff("export", str(runs / "shapes-v"), str(stage3))
+
+    train("shapes_late.py", runs / "shapes-late", data, stage3)
+    jaxdiff("export", str(runs / "shapes-late"), str(runs / "shapes-model"), "--force")
     jaxdiff(
         "convert",
         str(runs / "shapes-model"),

@@ -213,6 +213,30 @@ def test_min_snr_weights(schedule):
     assert np.isfinite(np.asarray(w)).all() and float(w[0]) == 1.0
 
 
+def test_timestep_bias_as_diffusers(schedule):
+    """diffusers' generate_timestep_weights: the biased portion `multiplier` times as likely;
+    and the step's draws follow those weights."""
+    from types import SimpleNamespace
+
+    from jaxdiff.train.step import _draws
+
+    w = losses.timestep_weights(1000, "later", 4.0, 0.25)
+    assert_close(w[:750], np.full(750, 1 / 1750), "unbiased")
+    assert_close(w[750:], np.full(250, 4 / 1750), "biased")
+    assert_close(losses.timestep_weights(1000, "earlier", 3.0, 0.1)[:100], np.full(100, 3 / 1200))
+    assert losses.timestep_weights(1000, "none", 4.0, 0.25) is None
+    with pytest.raises(Exception, match="timestep_bias_multiplier"):
+        TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=0.0)
+
+    latents = {"latents": jnp.zeros((20000, 2, 2, 8))}
+    for strategy, expected in (("later", 1.0 / 1.75), ("none", 0.25)):
+        cfg = TrainConfig(timestep_bias_strategy=strategy, timestep_bias_multiplier=4.0)
+        setup = SimpleNamespace(cfg=cfg, schedule=schedule, latent_shape=(2, 2, 4))
+        t = np.asarray(_draws(setup, latents, jax.random.key(0))["t"])
+        assert t.min() >= 0 and t.max() <= 999
+        assert abs(np.mean(t >= 750) - expected) < 0.015, (strategy, np.mean(t >= 750))
+
+
 def test_offset_noise_shifts_channels():
     noise = jnp.zeros((3, 4, 4, 2))
     out = losses.offset(noise, jax.random.key(0), 0.5)

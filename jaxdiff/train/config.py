@@ -24,6 +24,7 @@ TASKS = ("unet", "vae")
 LR_SCHEDULES = ("constant", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PREDICTION_TYPES = ("", "epsilon", "v_prediction", "sample")
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,12 @@ class TrainConfig:
     prediction_type: str = ""  # "" = the scheduler config's
     min_snr_gamma: float = 0.0  # Min-SNR weighting (Hang et al. 2023); 0 = off
     offset_noise: float = 0.0  # scale of per-channel offset noise; 0 = off
+    # Timestep sampling (diffusers' --timestep_bias_*): "later" draws the noisiest
+    # `timestep_bias_portion` of the timesteps `timestep_bias_multiplier` times as often as the
+    # rest ("earlier": the least noisy); "none" is uniform.
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
 
     # The VAE objective: reconstruction MSE + kl_weight * KL.
     kl_weight: float = 1e-6
@@ -101,6 +108,7 @@ class TrainConfig:
             ("lr_schedule", LR_SCHEDULES),
             ("compute_dtype", COMPUTE_DTYPES),
             ("prediction_type", PREDICTION_TYPES),
+            ("timestep_bias_strategy", TIMESTEP_BIAS_STRATEGIES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -110,6 +118,11 @@ class TrainConfig:
             raise ConfigError(f"caption_dropout={self.caption_dropout} is not in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} is not in [0, 1)")
+        if self.timestep_bias_multiplier <= 0 or not 0 < self.timestep_bias_portion <= 1:
+            raise ConfigError(
+                f"timestep_bias_multiplier={self.timestep_bias_multiplier} must be > 0 and "
+                f"timestep_bias_portion={self.timestep_bias_portion} in (0, 1]"
+            )
         if self.schedule_steps < 0:
             raise ConfigError(f"schedule_steps={self.schedule_steps} must be >= 0 (0 = steps)")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum"):

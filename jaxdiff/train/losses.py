@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.schedules import NoiseSchedule, snr, velocity
 
@@ -64,3 +65,20 @@ def vae_loss(reconstruction, images, kl, kl_weight: float):
     rec = jnp.mean(jnp.square(reconstruction.astype(jnp.float32) - images.astype(jnp.float32)))
     kl = jnp.mean(kl)
     return rec + kl_weight * kl, rec, kl
+
+
+def timestep_weights(num_timesteps: int, strategy: str, multiplier: float, portion: float):
+    """Sampling probabilities of the training timesteps, as diffusers' `generate_timestep_weights`:
+    uniform, with the last ("later": noisiest) or first ("earlier") `portion` of the timesteps
+    `multiplier` times as likely. None for "none" (uniform sampling)."""
+    if strategy == "none":
+        return None
+    weights = np.ones(num_timesteps)
+    count = max(1, int(portion * num_timesteps))
+    if strategy == "later":
+        weights[-count:] *= multiplier
+    elif strategy == "earlier":
+        weights[:count] *= multiplier
+    else:
+        raise ValueError(f"unknown timestep bias strategy {strategy!r}")
+    return weights / weights.sum()

@@ -132,9 +132,19 @@ def _draws(setup: TrainSetup, batch, key):
     return {
         "latent_eps": jax.random.normal(k_latent, shape, jnp.float32),
         "noise": losses.offset(noise, k_offset, cfg.offset_noise),
-        "t": jax.random.randint(k_t, (b,), 0, setup.schedule.num_train_timesteps),
+        "t": _timesteps(k_t, b, setup),
         "drop": jax.random.uniform(k_drop, (b,)) < cfg.caption_dropout,
     }
+
+
+def _timesteps(key, b: int, setup: TrainSetup):
+    cfg, num = setup.cfg, setup.schedule.num_train_timesteps
+    p = losses.timestep_weights(
+        num, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion
+    )
+    if p is None:
+        return jax.random.randint(key, (b,), 0, num)
+    return jax.random.choice(key, num, (b,), p=jnp.asarray(p, jnp.float32)).astype(jnp.int32)
 
 
 def train_step(state: TrainState, batch, key, *, setup: TrainSetup):
