@@ -10,8 +10,8 @@ The run stops at step 2750 of a 5000-step cosine schedule (`schedule_steps`), th
 (configs/shapes_v.py) continues it with v-prediction. Random flips stay off: a flip would swap
 "left" and "right" against the caption.
 
-Measured on two CPU cores (jax 0.10.2): about 1.0 step/s after a 3-minute latent cache, so 2750
-steps in 48 minutes. At step 2500, `jaxdiff eval-shapes --model <export> --n 64` read
+Measured on two CPU cores (jax 0.10.2): about 1.0 step/s after a 3-minute latent cache; the
+2750 steps took 52 minutes of wall time, with other work on the machine. At step 2500, `jaxdiff eval-shapes --model <export> --n 64` read
 background 100%, colors 93%, shapes 64%, sizes 83%, but positions 24% (chance is 20%): the
 layout is decided at high noise, where this objective gives almost no weight (configs/shapes_v.py).
 """

@@ -12,6 +12,10 @@ Run: (after configs/shapes_v.py, exported at its last step to RUNS/shapes-stage3
     jaxdiff train configs/shapes_late.py --workdir RUNS/shapes-late \\
         --set data_dir=RUNS/shapes-data --set model=RUNS/shapes-stage3
     jaxdiff export RUNS/shapes-late RUNS/shapes-model
+
+Measured on two CPU cores: 2000 steps in 36 minutes of wall time. `jaxdiff eval-shapes` on the
+EMA weights: positions 43% at step 1000 (--n 64); at step 2000, the shipped model (float16),
+36% (--n 200), overall 83.1%, held-out single-object prompts 83.2% (README).
 """
 
 import common

@@ -15,7 +15,7 @@ Run: (after configs/shapes.py, exported at its last step to RUNS/shapes-stage2)
 The export writes prediction_type "v_prediction" into the scheduler config. The run stops at
 step 1500 of a 3000-step schedule; stage 4 (configs/shapes_late.py) continues it.
 
-Measured on two CPU cores: about 1.0 step/s, 1500 steps in 26 minutes. `jaxdiff eval-shapes
+Measured on two CPU cores: about 1.0 step/s, 1500 steps in 30 minutes of wall time. `jaxdiff eval-shapes
 --n 64` on the EMA weights: positions 28% at step 1000 and 38% at step 1500 (overall 75% and
 78%; background, colors and sizes 88-100%).
 """
