@@ -18,38 +18,26 @@ EMA weights: positions 43% at step 1000 (--n 64); at step 2000, the shipped mode
 36% (--n 200), overall 83.1%, held-out single-object prompts 83.2% (README).
 """
 
-import common
+import dataclasses
+
+import shapes_v
 
 
 def get_config():
-    return common.base(
-        task="unet",
+    return dataclasses.replace(
+        shapes_v.get_config(),
         model="/work/runs/shapes-stage3",
-        train_text_encoder=True,
-        resolution=64,
-        random_flip=False,
-        cache_latents=True,
-        prediction_type="v_prediction",
-        min_snr_gamma=0.0,
         timestep_bias_strategy="later",
         timestep_bias_multiplier=4.0,
         timestep_bias_portion=0.25,
-        batch_size=32,
         steps=2000,
-        learning_rate=5e-4,
+        schedule_steps=0,
         warmup_steps=50,
-        lr_schedule="cosine",
-        min_lr_ratio=0.05,
-        caption_dropout=0.1,
-        ema_decay=0.999,
-        checkpoint_every=250,
-        sample_every=500,
         sample_prompts=(
             "a small red square on the left on a white background",
             "a small red square on the top on a white background",
             "a large green triangle on the right on a black background",
             "a small purple circle on the top and a small orange square on the bottom on a green background",
         ),
-        sample_steps=20,
         seed=2,
     )

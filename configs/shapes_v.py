@@ -20,36 +20,25 @@ Measured on two CPU cores: about 1.0 step/s, 1500 steps in 30 minutes of wall ti
 78%; background, colors and sizes 88-100%).
 """
 
-import common
+import dataclasses
+
+import shapes
 
 
 def get_config():
-    return common.base(
-        task="unet",
+    return dataclasses.replace(
+        shapes.get_config(),
         model="/work/runs/shapes-stage2",
-        train_text_encoder=True,
-        resolution=64,
-        random_flip=False,
-        cache_latents=True,
         prediction_type="v_prediction",
         min_snr_gamma=0.0,
-        batch_size=32,
         steps=1500,
         schedule_steps=3000,
         learning_rate=5e-4,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        min_lr_ratio=0.05,
-        caption_dropout=0.1,
-        ema_decay=0.999,
-        checkpoint_every=250,
-        sample_every=500,
         sample_prompts=(
             "a large red circle in the center on a blue background",
             "a small yellow square on the left on a black background",
             "a large green triangle on the top on a white background",
             "a small purple circle on the top and a small orange square on the bottom on a green background",
         ),
-        sample_steps=20,
         seed=1,
     )
