@@ -13,7 +13,7 @@ from tolerances import assert_close
 from jaxdiff import sharding as shd
 from jaxdiff.schedules import NoiseSchedule, ScheduleConfig, add_noise
 from jaxdiff.train import losses
-from jaxdiff.train.config import TrainConfig
+from jaxdiff.train.config import ConfigError, TrainConfig
 from jaxdiff.train.loop import prepare
 from jaxdiff.train.state import init_state
 from jaxdiff.train.step import jit_train_step, train_step
@@ -225,7 +225,7 @@ def test_timestep_bias_as_diffusers(schedule):
     assert_close(w[750:], np.full(250, 4 / 1750), "biased")
     assert_close(losses.timestep_weights(1000, "earlier", 3.0, 0.1)[:100], np.full(100, 3 / 1200))
     assert losses.timestep_weights(1000, "none", 4.0, 0.25) is None
-    with pytest.raises(Exception, match="timestep_bias_multiplier"):
+    with pytest.raises(ConfigError, match="timestep_bias_multiplier"):
         TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=0.0)
 
     latents = {"latents": jnp.zeros((20000, 2, 2, 8))}
@@ -235,6 +235,38 @@ def test_timestep_bias_as_diffusers(schedule):
         t = np.asarray(_draws(setup, latents, jax.random.key(0))["t"])
         assert t.min() >= 0 and t.max() <= 999
         assert abs(np.mean(t >= 750) - expected) < 0.015, (strategy, np.mean(t >= 750))
+
+
+def test_zero_terminal_snr_training():
+    """rescale_betas_zero_snr=True: the run trains on diffusers' rescaled schedule (alpha_bar = 0
+    at t = T), writes the flag into the scheduler config it exports, and refuses what diffusers
+    would not sample that way (epsilon prediction; a scheduler class that drops the flag)."""
+    from diffusers import DDIMScheduler
+
+    from jaxdiff.models.presets import PRESETS
+    from jaxdiff.train import state as st
+
+    configs = PRESETS["tiny"].components()
+    base = {"_class_name": "DDIMScheduler", **ScheduleConfig.sd15().to_diffusers()}
+    base["prediction_type"] = "epsilon"
+    cfg = dataclasses.replace(CFG, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    written = st.trained_scheduler_config(cfg, base)
+    assert written["rescale_betas_zero_snr"] is True
+    assert written["prediction_type"] == "v_prediction"
+    assert "rescale_betas_zero_snr" not in base  # the base model's config is not modified
+    setup = st.build_setup(cfg, configs, base)
+    reference = DDIMScheduler.from_config(written).alphas_cumprod.numpy()
+    assert float(setup.schedule.alphas_cumprod[-1]) == 0.0
+    assert_close(setup.schedule.alphas_cumprod, reference, "zero-SNR alphas_cumprod")
+    plain = st.build_setup(CFG, configs, base)
+    assert float(plain.schedule.alphas_cumprod[-1]) > 1e-3
+
+    with pytest.raises(ConfigError, match="epsilon"):
+        dataclasses.replace(cfg, prediction_type="epsilon")
+    with pytest.raises(ConfigError, match="v_prediction"):  # the scheduler's epsilon
+        st.build_setup(dataclasses.replace(cfg, prediction_type=""), configs, base)
+    with pytest.raises(ConfigError, match="PNDMScheduler"):
+        st.build_setup(cfg, configs, {**base, "_class_name": "PNDMScheduler"})
 
 
 def test_offset_noise_shifts_channels():

@@ -49,6 +49,10 @@ class TrainConfig:
 
     # The diffusion objective.
     prediction_type: str = ""  # "" = the scheduler config's
+    # Train on the zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr; Lin et al.
+    # 2024): at t = T the input is pure noise, as at sampling time, so the model must take the
+    # layout from the text. Needs v_prediction; the export writes it into the scheduler config.
+    rescale_betas_zero_snr: bool = False
     min_snr_gamma: float = 0.0  # Min-SNR weighting (Hang et al. 2023); 0 = off
     offset_noise: float = 0.0  # scale of per-channel offset noise; 0 = off
     # Timestep sampling (diffusers' --timestep_bias_*): "later" draws the noisiest
@@ -122,6 +126,11 @@ class TrainConfig:
             raise ConfigError(
                 f"timestep_bias_multiplier={self.timestep_bias_multiplier} must be > 0 and "
                 f"timestep_bias_portion={self.timestep_bias_portion} in (0, 1]"
+            )
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "rescale_betas_zero_snr=True needs prediction_type='v_prediction' "
+                "(epsilon is undefined at zero SNR)"
             )
         if self.schedule_steps < 0:
             raise ConfigError(f"schedule_steps={self.schedule_steps} must be >= 0 (0 = steps)")

@@ -462,8 +462,6 @@ def export(workdir, out_dir, *, use_ema: bool = True, step: int | None = None, o
     params = dict(weights.params)
     for name, p in trained.items():
         params[name] = jax.tree_util.tree_map(np.asarray, jax.device_get(p))
-    scheduler_config = dict(weights.scheduler_config)
-    if cfg.task != "vae" and cfg.prediction_type:  # what the UNet was trained to predict
-        scheduler_config["prediction_type"] = cfg.prediction_type
+    scheduler_config = st.trained_scheduler_config(cfg, weights.scheduler_config)
     weights = dataclasses.replace(weights, params=params, scheduler_config=scheduler_config)
     return save_pipeline(weights, out_dir, overwrite=overwrite)

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxdiff import sharding as shd
 from jaxdiff.models.build import logical_axes, module_for, random_params
 from jaxdiff.models.presets import PRESETS
-from jaxdiff.train.config import TrainConfig
+from jaxdiff.train.config import ConfigError, TrainConfig
 
 
 @struct.dataclass
@@ -77,16 +77,12 @@ def base_weights(cfg: TrainConfig, *, skip=()):
         ), True
     weights = load_pipeline(cfg.model)
     if cfg.unet or cfg.vae:
-        from jaxdiff.train.config import ConfigError
-
         raise ConfigError("unet/vae overrides apply to presets, not to a pretrained model folder")
     return weights, False
 
 
 def _override(configs: dict, cfg: TrainConfig) -> dict:
     out = dict(configs)
-    from jaxdiff.train.config import ConfigError
-
     for name, overrides in (("unet", cfg.unet), ("vae", cfg.vae)):
         if overrides:
             try:
@@ -169,6 +165,19 @@ def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.Gradient
     return optax.chain(*parts)
 
 
+def trained_scheduler_config(cfg: TrainConfig, scheduler_config: dict) -> dict:
+    """The base model's diffusers scheduler config with the run's objective written in: what the
+    run trains with, and what its export writes, so a sampler reads the model as trained."""
+    out = dict(scheduler_config)
+    if cfg.task == "vae":
+        return out
+    if cfg.prediction_type:
+        out["prediction_type"] = cfg.prediction_type
+    if cfg.rescale_betas_zero_snr:
+        out["rescale_betas_zero_snr"] = True
+    return out
+
+
 def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> TrainSetup:
     from jaxdiff.schedules import NoiseSchedule, ScheduleConfig
 
@@ -177,12 +186,8 @@ def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> Trai
     needed = ("vae",) if cfg.task == "vae" else ("unet", "vae", "text_encoder")
     for name in needed:
         if name not in configs:
-            from jaxdiff.train.config import ConfigError
-
             raise ConfigError(f"model {cfg.model!r} has no {name}")
     if cfg.task == "unet" and "text_encoder_2" in configs:
-        from jaxdiff.train.config import ConfigError
-
         raise ConfigError("training SDXL-style models (two text encoders) is not supported yet")
     # Frozen components compute in float32 unless the run is bf16 throughout.
     modules = {
@@ -190,15 +195,23 @@ def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> Trai
     }
     schedule, prediction_type, empty_ids = None, "", None
     if cfg.task == "unet":
+        trained_config = trained_scheduler_config(cfg, scheduler_config)
         sched_cfg = ScheduleConfig.from_diffusers(
-            {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+            {k: v for k, v in trained_config.items() if not k.startswith("_")}
         )
-        class_name = scheduler_config.get("_class_name", "DDPMScheduler")
+        class_name = trained_config.get("_class_name", "DDPMScheduler")
         try:
             schedule = NoiseSchedule.from_config(sched_cfg, class_name)
-        except ValueError:
+        except ValueError as e:
+            if cfg.rescale_betas_zero_snr:
+                raise ConfigError(f"rescale_betas_zero_snr=True: {e}") from None
             schedule = NoiseSchedule.from_config(sched_cfg)
-        prediction_type = cfg.prediction_type or schedule.prediction_type
+        prediction_type = schedule.prediction_type
+        if cfg.rescale_betas_zero_snr and prediction_type != "v_prediction":
+            raise ConfigError(
+                "rescale_betas_zero_snr=True needs prediction_type='v_prediction' "
+                f"(the model's scheduler says {prediction_type!r})"
+            )
         from jaxdiff.tokenizer import bundled_clip_tokenizer, tokenize
 
         empty_ids = tokenize(bundled_clip_tokenizer(), [""])[0]
