@@ -108,6 +108,9 @@ def _add_generation_flags(s, *, image: bool = False) -> None:
     s.add_argument("--crops-coords-top-left", type=_pair, default=(0, 0), help="SDXL: Y,X")
     s.add_argument("--target-size", type=_pair, default=None, help="SDXL: H,W (default: the size)")
     s.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner")
+    s.add_argument(
+        "--negative-aesthetic-score", type=float, default=2.5, help="SDXL refiner, unconditional"
+    )
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -135,6 +138,7 @@ def _generation_kwargs(args) -> dict:
         crops_coords_top_left=args.crops_coords_top_left,
         target_size=args.target_size,
         aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
     )
     for name in ("width", "height", "latents"):
         if getattr(args, name, None) is not None:

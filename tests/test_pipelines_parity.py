@@ -294,6 +294,10 @@ def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
         "2",
         "--negative-prompt",
         "blue",
+        "--aesthetic-score",
+        "4.5",
+        "--negative-aesthetic-score",
+        "1.5",
         "--output-type",
         "npy",
         "--out",
@@ -317,6 +321,8 @@ def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
         image=handover,
         num_inference_steps=steps,
         denoising_start=switch,
+        aesthetic_score=4.5,
+        negative_aesthetic_score=1.5,
         output_type="np",
     ).images
     assert_close(np.load(out), expected, "SDXL base + refiner")

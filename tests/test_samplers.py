@@ -22,7 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 
 SHAPE = (2, 4, 8, 8)
 
-REFERENCES = SCHEDULER_OF
 DETERMINISTIC = ["ddim", "plms", "lms", "euler", "heun", "dpm2", "dpmpp_2m", "unipc"]
 
 
@@ -34,7 +33,7 @@ def import_dpmsolver_sde(monkeypatch):
 
 
 def reference_scheduler(sampler, config, monkeypatch):
-    class_name, extra = REFERENCES[sampler]
+    class_name, extra = SCHEDULER_OF[sampler]
     if class_name == "DPMSolverSDEScheduler":
         cls = import_dpmsolver_sde(monkeypatch).DPMSolverSDEScheduler
     else:

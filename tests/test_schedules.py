@@ -185,7 +185,6 @@ def test_noise_schedule_keeps_bf16():
 
 # ---------------------------------------------------------------- inference timesteps and sigmas
 
-REFERENCES = SCHEDULER_OF
 SIGMA_OPTIONS = {
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True},
@@ -193,7 +192,7 @@ SIGMA_OPTIONS = {
 
 
 def reference_scheduler(sampler, config, monkeypatch, sigmas="default"):
-    class_name, extra = REFERENCES[sampler]
+    class_name, extra = SCHEDULER_OF[sampler]
     cls = diffusers_class(class_name, monkeypatch)
     return cls.from_config({**config.to_diffusers(), **extra, **SIGMA_OPTIONS.get(sigmas, {})})
 
@@ -227,7 +226,7 @@ def compare_plan(plan, ref, what):
     )
 
 
-@pytest.mark.parametrize("sampler", sorted(REFERENCES))
+@pytest.mark.parametrize("sampler", sorted(SCHEDULER_OF))
 @pytest.mark.parametrize("spacing", schedules.TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("steps_offset", [0, 1])
 def test_timesteps_and_sigmas_match_diffusers(sampler, spacing, steps_offset, monkeypatch):
