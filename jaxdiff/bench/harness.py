@@ -72,6 +72,20 @@ class Result:
     vs_peer: float | None = None  # peer time / this time: > 1 is faster than the peer
     note: str = ""
 
+    @classmethod
+    def from_timing(cls, row, case, impl, timing, *, compile_s, items=None, **fields) -> Result:
+        """A result from a `Timing`: its median and runs (ms, rounded), and items per second."""
+        return cls(
+            row,
+            case,
+            impl,
+            round(timing.median_ms, 3),
+            [round(t, 3) for t in timing.runs_ms],
+            compile_s=round(compile_s, 2),
+            items_per_s=round(items / (timing.median_ms / 1e3), 3) if items else None,
+            **fields,
+        )
+
 
 def flops_of(compiled) -> float | None:
     """FLOPs per call from XLA's cost analysis (a dict, or a list of one per jax version)."""
@@ -174,17 +188,16 @@ def measure_jax(
 
     timing = time_calls(call, runs=ctx.runs, warmup=ctx.warmup)
     xla_flops = flops_of(compiled)
-    result = Result(
+    result = Result.from_timing(
         row,
         case,
         impl,
-        round(timing.median_ms, 3),
-        [round(t, 3) for t in timing.runs_ms],
-        compile_s=round(compile_s, 2),
+        timing,
+        compile_s=compile_s,
+        items=items,
         flops=flops or xla_flops,
         flops_source=("analytic" if flops else "xla") if (flops or xla_flops) else None,
         memory_bytes=memory_of(compiled),
-        items_per_s=round(items / (timing.median_ms / 1e3), 3) if items else None,
     )
     return _rates(result, ctx.device_kind, low_precision)
 
@@ -215,17 +228,16 @@ def measure_torch(
     call()
     first_s = time.perf_counter() - start
     timing = time_calls(call, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0))
-    result = Result(
+    result = Result.from_timing(
         row,
         case,
         impl,
-        round(timing.median_ms, 3),
-        [round(t, 3) for t in timing.runs_ms],
-        compile_s=round(first_s, 2),
+        timing,
+        compile_s=first_s,
+        items=items,
         flops=flops,
         flops_source="analytic" if flops else None,
         memory_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
-        items_per_s=round(items / (timing.median_ms / 1e3), 3) if items else None,
         peer=True,
         note="eager; compile_s is the first call",
     )
