@@ -269,6 +269,48 @@ def test_zero_terminal_snr_training():
         st.build_setup(cfg, configs, {**base, "_class_name": "PNDMScheduler"})
 
 
+def test_vae_decoder_only_fine_tune():
+    """task="vae" with freeze_params: the encoder and quant_conv stay bit-identical (weights and
+    EMA) while the decoder trains; without it, the encoder moves too. A prefix that names no
+    parameter is refused."""
+    from flax import traverse_util
+
+    from jaxdiff.train.loop import fresh_state
+
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
+    frozen_prefixes = ("vae/encoder", "vae/quant_conv")
+
+    def run(freeze):
+        cfg = TrainConfig(
+            task="vae", resolution=16, batch_size=4, learning_rate=1e-2, freeze_params=freeze
+        )
+        r = prepare(cfg, mesh)
+        state = fresh_state(r)
+        before = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+        step = jit_train_step(r.setup, r.state_shardings, mesh)
+        for i in range(2):
+            state, _ = step(state, shd.shard_batch({"images": images}, mesh), jax.random.key(i))
+        after = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+        ema = traverse_util.flatten_dict(jax.device_get(state.ema_params), sep="/")
+        moved = {k for k in before if not np.array_equal(before[k], after[k])}
+        ema_moved = {k for k in before if not np.array_equal(before[k], ema[k])}
+        return set(before), moved, ema_moved
+
+    names, moved, ema_moved = run(frozen_prefixes)
+    frozen = {k for k in names if k.startswith(frozen_prefixes)}
+    assert frozen and any(k.startswith("vae/decoder/") for k in moved)
+    assert not moved & frozen and not ema_moved & frozen
+    assert any(k.startswith("vae/post_quant_conv/") for k in moved)
+    _, moved_all, _ = run(())
+    assert moved_all & frozen  # without freeze_params the same run moves the encoder
+
+    with pytest.raises(ConfigError, match="vae/encoders"):
+        run(("vae/encoders",))
+    with pytest.raises(ConfigError, match="freeze_params"):
+        TrainConfig(freeze_params="vae/encoder")
+
+
 def test_offset_noise_shifts_channels():
     noise = jnp.zeros((3, 4, 4, 2))
     out = losses.offset(noise, jax.random.key(0), 0.5)

@@ -39,6 +39,11 @@ class TrainConfig:
     unet: dict = dataclasses.field(default_factory=dict)  # UNetConfig fields to override
     vae: dict = dataclasses.field(default_factory=dict)  # VAEConfig fields to override
     train_text_encoder: bool = False  # else the text encoder is frozen
+    # Parameters of the trained components that stay fixed, as "/"-joined path prefixes: their
+    # gradients are dropped and the optimizer leaves them as they are (no weight decay). E.g.
+    # ("vae/encoder", "vae/quant_conv") fine-tunes a VAE's decoder only, as Stability's
+    # ft-MSE VAE was: the latents stay the same, so a UNet trained on them keeps working.
+    freeze_params: tuple = ()
 
     # Data: a folder of images with captions (see jaxdiff.train.data).
     data_dir: str = ""
@@ -131,6 +136,11 @@ class TrainConfig:
             raise ConfigError(
                 "rescale_betas_zero_snr=True needs prediction_type='v_prediction' "
                 "(epsilon is undefined at zero SNR)"
+            )
+        if not all(isinstance(p, str) and p.strip("/") for p in self.freeze_params):
+            raise ConfigError(
+                f"freeze_params={self.freeze_params!r}: expected a tuple of parameter path "
+                "prefixes such as ('vae/encoder',)"
             )
         if self.schedule_steps < 0:
             raise ConfigError(f"schedule_steps={self.schedule_steps} must be >= 0 (0 = steps)")

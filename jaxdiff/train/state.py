@@ -148,8 +148,34 @@ def _decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
 
 
+def frozen_mask(prefixes: tuple):
+    """params -> a tree of bools, True where a parameter's path starts with one of `prefixes`."""
+
+    def mask(params):
+        used = set()
+
+        def frozen(path, _):
+            name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+            hits = {p for p in prefixes if name == p or name.startswith(p.rstrip("/") + "/")}
+            used.update(hits)
+            return bool(hits)
+
+        out = jax.tree_util.tree_map_with_path(frozen, params)
+        unused = [p for p in prefixes if p not in used]
+        if unused:
+            raise ConfigError(f"freeze_params {unused} match no trained parameter")
+        return out
+
+    return mask
+
+
 def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.GradientTransformation:
     parts = []
+    if cfg.freeze_params:
+        # Drop the frozen gradients before clipping (so they count in no norm) and zero the
+        # updates after AdamW (whose weight decay would move them otherwise).
+        freeze = optax.masked(optax.set_to_zero(), frozen_mask(tuple(cfg.freeze_params)))
+        parts.append(freeze)
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(
@@ -162,6 +188,8 @@ def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.Gradient
             mask=_decay_mask,
         )
     )
+    if cfg.freeze_params:
+        parts.append(freeze)
     return optax.chain(*parts)
 
 

@@ -50,8 +50,10 @@ def _ema(ema_params, params, step, cfg):
         # Early on, the EMA follows the weights more closely (as diffusers' EMAModel warmup).
         s = step.astype(jnp.float32)
         decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
+    # e + (1 - decay)(p - e), not decay e + (1 - decay) p: the same in exact arithmetic, and a
+    # parameter that does not move (freeze_params) keeps its EMA bit for bit.
     return jax.tree_util.tree_map(
-        lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema_params, params
+        lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema_params, params
     )
 
 
