@@ -11,7 +11,7 @@ on about a quarter of the batch. `timestep_bias_strategy="later"` (diffusers'
 Run: (after configs/shapes_v.py, exported at its last step to RUNS/shapes-stage3)
     jaxdiff train configs/shapes_late.py --workdir RUNS/shapes-late \\
         --set data_dir=RUNS/shapes-data --set model=RUNS/shapes-stage3
-    jaxdiff export RUNS/shapes-late RUNS/shapes-model
+    jaxdiff export RUNS/shapes-late RUNS/shapes-stage4
 
 Measured on two CPU cores: 2000 steps in 36 minutes of wall time. `jaxdiff eval-shapes` on the
 EMA weights: positions 43% at step 1000 (--n 64); at step 2000, the shipped model (float16),
