@@ -271,8 +271,8 @@ def test_zero_terminal_snr_training():
 
 def test_vae_decoder_only_fine_tune():
     """task="vae" with freeze_params: the encoder and quant_conv stay bit-identical (weights and
-    EMA) while the decoder trains; without it, the encoder moves too. A prefix that names no
-    parameter is refused."""
+    EMA) while the decoder trains, and their gradients count in no norm; without it, the encoder
+    moves too. A prefix that names no parameter is refused."""
     from flax import traverse_util
 
     from jaxdiff.train.loop import fresh_state
@@ -289,21 +289,25 @@ def test_vae_decoder_only_fine_tune():
         state = fresh_state(r)
         before = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
         step = jit_train_step(r.setup, r.state_shardings, mesh)
+        norms = []
         for i in range(2):
-            state, _ = step(state, shd.shard_batch({"images": images}, mesh), jax.random.key(i))
+            state, m = step(state, shd.shard_batch({"images": images}, mesh), jax.random.key(i))
+            norms.append(float(m["grad_norm"]))
         after = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
         ema = traverse_util.flatten_dict(jax.device_get(state.ema_params), sep="/")
         moved = {k for k in before if not np.array_equal(before[k], after[k])}
         ema_moved = {k for k in before if not np.array_equal(before[k], ema[k])}
-        return set(before), moved, ema_moved
+        return set(before), moved, ema_moved, norms[0]
 
-    names, moved, ema_moved = run(frozen_prefixes)
+    names, moved, ema_moved, norm = run(frozen_prefixes)
     frozen = {k for k in names if k.startswith(frozen_prefixes)}
     assert frozen and any(k.startswith("vae/decoder/") for k in moved)
     assert not moved & frozen and not ema_moved & frozen
     assert any(k.startswith("vae/post_quant_conv/") for k in moved)
-    _, moved_all, _ = run(())
+    _, moved_all, _, norm_all = run(())
     assert moved_all & frozen  # without freeze_params the same run moves the encoder
+    # The same first step: its gradient norm counts the decoder's gradients only.
+    assert 0 < norm < norm_all
 
     with pytest.raises(ConfigError, match="vae/encoders"):
         run(("vae/encoders",))

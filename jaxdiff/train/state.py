@@ -172,8 +172,9 @@ def frozen_mask(prefixes: tuple):
 def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.GradientTransformation:
     parts = []
     if cfg.freeze_params:
-        # Drop the frozen gradients before clipping (so they count in no norm) and zero the
-        # updates after AdamW (whose weight decay would move them otherwise).
+        # Frozen parameters: their gradients dropped before clipping (so they count in no norm;
+        # the step drops them too, so that XLA never computes them), and their updates zeroed
+        # after AdamW, whose weight decay would move them otherwise.
         freeze = optax.masked(optax.set_to_zero(), frozen_mask(tuple(cfg.freeze_params)))
         parts.append(freeze)
     if cfg.grad_clip > 0:

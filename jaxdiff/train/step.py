@@ -24,7 +24,7 @@ from jaxdiff.models.vae import DiagonalGaussian, scale_latents
 from jaxdiff.schedules import add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.remat import remat_blocks
-from jaxdiff.train.state import TrainSetup, TrainState
+from jaxdiff.train.state import TrainSetup, TrainState, frozen_mask
 
 # optax.tree.norm from optax 0.2.5; global_norm (deprecated there) before.
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
@@ -149,6 +149,19 @@ def _timesteps(key, b: int, setup: TrainSetup):
     return jax.random.choice(key, num, (b,), p=jnp.asarray(p, jnp.float32)).astype(jnp.int32)
 
 
+def _without_frozen(grad_fn, mask):
+    """grad_fn with zeros for the frozen parameters' gradients: they count in no norm, and XLA
+    never computes them."""
+
+    def wrapped(params, *args):
+        value, grads = grad_fn(params, *args)
+        return value, jax.tree_util.tree_map(
+            lambda m, g: jnp.zeros_like(g) if m else g, mask(grads), grads
+        )
+
+    return wrapped
+
+
 def train_step(state: TrainState, batch, key, *, setup: TrainSetup):
     """One optimizer update from one global batch. Returns (new state, float32 metrics)."""
     cfg = setup.cfg
@@ -156,6 +169,8 @@ def train_step(state: TrainState, batch, key, *, setup: TrainSetup):
     batch = {**batch, **_draws(setup, batch, key)}
     loss_fn = _vae_loss if cfg.task == "vae" else _unet_loss
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, setup=setup), has_aux=True)
+    if cfg.freeze_params:
+        grad_fn = _without_frozen(grad_fn, frozen_mask(tuple(cfg.freeze_params)))
 
     def accumulate(carry, micro):
         grads_sum, metrics_sum = carry
