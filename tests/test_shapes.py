@@ -476,6 +476,10 @@ def test_cli_eval_shapes(tmp_path, capsys):
     assert printed.count("100.0") >= 7 * 5
     with pytest.raises(UsageError, match="at most one"):
         run("eval-shapes", "--reference", "--model", tmp_path)
+    with pytest.raises(UsageError, match="at most one of --reference and --vae-reconstruction"):
+        run("eval-shapes", "--reference", "--vae-reconstruction")
+    with pytest.raises(UsageError, match="not a folder"):
+        run("eval-shapes", "--vae-reconstruction", "--model", tmp_path / "missing")
     with pytest.raises(UsageError, match="--n"):
         run("eval-shapes", "--reference", "--n", 0)
     with pytest.raises(UsageError, match="--steps"):

@@ -1,14 +1,15 @@
 """The `jaxdiff make-shapes` and `jaxdiff eval-shapes` commands (wired in by `jaxdiff.cli`).
 
     jaxdiff make-shapes OUT [--n N] [--seed S] [--size 64] [--two-object-fraction F] [--force]
-    jaxdiff eval-shapes [--model DIR | --reference] [--n N] [--seed S] [--worst PATH.png]
-                        [--steps N] [--guidance G] [--sampler NAME]
+    jaxdiff eval-shapes [--model DIR] [--reference | --vae-reconstruction] [--n N] [--seed S]
+                        [--worst PATH.png] [--steps N] [--guidance G] [--sampler NAME]
 
 Without --model or --reference, eval-shapes scores the bundled model (`jaxdiff generate`'s
 default), with `jaxdiff generate`'s default sampling settings.
 
 `eval-shapes --reference` scores the dataset's own renderings of the prompts: a check of the
-analyzer (every number should be 100.0) that needs no model.
+analyzer (every number should be 100.0) that needs no model. `--vae-reconstruction` scores those
+renderings after a round trip through the model's VAE: the ceiling the autoencoder sets.
 """
 
 from __future__ import annotations
@@ -53,22 +54,27 @@ def cmd_eval_shapes(args) -> None:
         format_report,
         reference_generate_fn,
         save_worst_grid,
+        vae_reconstruction_generate_fn,
     )
 
     if args.n < 1:
         raise UsageError(f"eval-shapes: --n must be at least 1, not {args.n}")
     if args.model is not None and args.reference:
         raise UsageError("eval-shapes: give at most one of --model DIR and --reference")
+    if args.reference and args.vae_reconstruction:
+        raise UsageError("eval-shapes: give at most one of --reference and --vae-reconstruction")
     if args.steps < 1:
         raise UsageError(f"eval-shapes: --steps must be at least 1, not {args.steps}")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UsageError(f"eval-shapes: {args.model}: not a folder")
     if args.reference:
         generate_fn = reference_generate_fn()
+    elif args.vae_reconstruction:
+        generate_fn = vae_reconstruction_generate_fn(args.model)
     else:
         from jaxdiff.pipelines import generate_fn_for_model
         from jaxdiff.samplers import SAMPLERS
 
-        if args.model is not None and not Path(args.model).is_dir():
-            raise UsageError(f"eval-shapes: {args.model}: not a folder")
         if args.sampler is not None and args.sampler not in SAMPLERS:
             raise UsageError(
                 f"eval-shapes: unknown sampler {args.sampler!r}; see `jaxdiff samplers`"
@@ -101,6 +107,11 @@ def register(subparsers) -> None:
         "--reference",
         action="store_true",
         help="score exact renderings of the prompts instead (checks the analyzer)",
+    )
+    s.add_argument(
+        "--vae-reconstruction",
+        action="store_true",
+        help="score exact renderings after a round trip through the model's VAE (its ceiling)",
     )
     s.add_argument("--n", type=int, default=200, help="number of prompts")
     s.add_argument("--seed", type=int, default=0)

@@ -487,6 +487,33 @@ def reference_generate_fn(size: int = 64) -> Callable[[list[str]], np.ndarray]:
     return lambda prompts: np.stack([render(parse_caption(p), size) for p in prompts])
 
 
+def vae_reconstruction_generate_fn(path=None) -> Callable[[list[str]], np.ndarray]:
+    """A `generate_fn` that renders each prompt exactly and passes it through a model's VAE
+    (encoded to the posterior mean, decoded): what the autoencoder alone keeps of a picture, an
+    upper bound for the whole model. `path`: a model folder (None: the bundled model)."""
+    import jax
+
+    from jaxdiff.models.build import module_for
+    from jaxdiff.pipelines import load
+    from jaxdiff.pipelines.images import to_uint8
+
+    pipe = load(path)
+    vae = module_for(pipe.configs["vae"])
+    variables = {"params": jax.device_get(pipe.params["vae"])}
+
+    @jax.jit
+    def round_trip(images):
+        z = vae.apply(variables, images, method=vae.encode).mean
+        return (vae.apply(variables, z, method=vae.decode) + 1.0) / 2.0
+
+    def generate(prompts):
+        size = pipe.native_size
+        images = np.stack([render(parse_caption(p), size) for p in prompts])
+        return to_uint8(np.asarray(round_trip(images.astype(np.float32) / 127.5 - 1.0)))
+
+    return generate
+
+
 # ----------------------------------------------------------------------------- output
 
 _COLUMN_NAMES = {
