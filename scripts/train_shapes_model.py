@@ -11,8 +11,12 @@
    (epsilon objective, Min-SNR), exported to RUNS/shapes-stage2;
 4. stage 3, `configs/shapes_v.py`: the same continued with v-prediction (positions),
    exported to RUNS/shapes-stage3;
-5. stage 4, `configs/shapes_late.py`: continued with the noisiest timesteps drawn more often;
-6. the EMA weights exported in float16 to RUNS/shapes-model-fp16, ready to copy to
+5. stage 4, `configs/shapes_late.py`: continued with the noisiest timesteps drawn more often,
+   exported to RUNS/shapes-stage4;
+6. stage 5, `configs/shapes_zsnr.py`: continued on the zero-terminal-SNR schedule (positions),
+   exported to RUNS/shapes-stage5;
+7. stage 6, `configs/shapes_vae_decoder.py`: the VAE's decoder fine-tuned, encoder frozen;
+8. the EMA weights exported in float16 to RUNS/shapes-model-fp16, ready to copy to
    jaxdiff/assets/shapes-model (the folder `jaxdiff generate` uses without --model).
 
 Each stage resumes from its work directory's last checkpoint when run again. The configs name
@@ -31,6 +35,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Stages 2-5: (config, work directory, exported model), each starting from the one before.
+UNET_STAGES = (
+    ("shapes.py", "shapes-unet", "shapes-stage2"),
+    ("shapes_v.py", "shapes-v", "shapes-stage3"),
+    ("shapes_late.py", "shapes-late", "shapes-stage4"),
+    ("shapes_zsnr.py", "shapes-zsnr", "shapes-stage5"),
+)
 
 
 def jaxdiff(*args: str) -> None:
@@ -88,18 +99,16 @@ def main() -> None:
         shutil.rmtree(stage1 / "unet")
         shutil.copytree(fresh / "unet", stage1 / "unet")
 
-    stage2 = runs / "shapes-stage2"
-    if not stage2.exists():
-        train("shapes.py", runs / "shapes-unet", data, stage1)
-        jaxdiff("export", str(runs / "shapes-unet"), str(stage2))
+    previous = stage1
+    for config, workdir, stage in UNET_STAGES:
+        out = runs / stage
+        if not out.exists():
+            train(config, runs / workdir, data, previous)
+            jaxdiff("export", str(runs / workdir), str(out))
+        previous = out
 
-    stage3 = runs / "shapes-stage3"
-    if not stage3.exists():
-        train("shapes_v.py", runs / "shapes-v", data, stage2)
-        jaxdiff("export", str(runs / "shapes-v"), str(stage3))
-
-    train("shapes_late.py", runs / "shapes-late", data, stage3)
-    jaxdiff("export", str(runs / "shapes-late"), str(runs / "shapes-model"), "--force")
+    train("shapes_vae_decoder.py", runs / "shapes-decoder", data, previous)
+    jaxdiff("export", str(runs / "shapes-decoder"), str(runs / "shapes-model"), "--force")
     jaxdiff(
         "convert",
         str(runs / "shapes-model"),
