@@ -145,7 +145,10 @@ _CPU_BLOCKED_MIN_LOGITS = 512 * 512
 
 
 def _attention_logits(q, k, keep, scale):
-    logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) * scale
+    # The scale goes on q [T, H], not on the logits [T, S]: on the CPU each pass over a [T, S]
+    # matrix is memory-bound and costs about as much as a matrix product (docs/benchmarks.md).
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32)
     if keep is not None:  # jax.nn.dot_product_attention's large negative, not -inf
         logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
     return logits
@@ -182,17 +185,27 @@ def _attention_block_vjp_fwd(q, k, v, keep, scale):
     return out, (q, k, v, keep, out, lse)
 
 
+def _contract_queries(x, weights):
+    """sum_t weights[t, s] x[t, h] -> [..., S, H], the key-side gradients' product.
+
+    Formed as [..., H, S] and transposed after a barrier: XLA's CPU backend, left to fuse the
+    transpose into the product, runs it 7x slower (3.3 ms against 0.47 ms for 32 heads of
+    256 x 256 x 8; docs/benchmarks.md)."""
+    out = jnp.einsum("...th,...ts->...hs", x, weights, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(jax.lax.optimization_barrier(out), -1, -2)
+
+
 def _attention_block_vjp_bwd(scale, residuals, d_out):
     q, k, v, keep, out, lse = residuals
     f32 = jnp.float32
     probs = jnp.exp(_attention_logits(q, k, keep, scale) - lse)
     d_out = d_out.astype(f32)
-    d_v = jnp.einsum("...ts,...th->...sh", probs, d_out)
+    d_v = _contract_queries(d_out, probs)
     d_probs = jnp.einsum("...th,...sh->...ts", d_out, v, preferred_element_type=f32)
     row = (d_out * out.astype(f32)).sum(-1, keepdims=True)
-    d_logits = probs * (d_probs - row) * scale
-    d_q = jnp.einsum("...ts,...sh->...th", d_logits, k, preferred_element_type=f32)
-    d_k = jnp.einsum("...ts,...th->...sh", d_logits, q, preferred_element_type=f32)
+    d_logits = probs * (d_probs - row)  # of the scaled logits; the scale goes on d_q and d_k
+    d_q = jnp.einsum("...ts,...sh->...th", d_logits, k, preferred_element_type=f32) * scale
+    d_k = _contract_queries(q, d_logits) * scale
     d_keep = None if keep is None else np.zeros(keep.shape, jax.dtypes.float0)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_keep
 
