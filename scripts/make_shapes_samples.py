@@ -32,6 +32,8 @@ PROMPTS = (
 def grid(images: np.ndarray, prompts, columns: int = 4, scale: int = 2):
     from PIL import Image, ImageDraw, ImageFont
 
+    from jaxdiff.eval.shapes import wrap_text
+
     font = ImageFont.load_default()
     size = images.shape[1] * scale
     pad, line_height, lines = 6, 12, 5
@@ -44,14 +46,7 @@ def grid(images: np.ndarray, prompts, columns: int = 4, scale: int = 2):
         x, y = (k % columns) * cell_w, (k // columns) * cell_h
         tile = Image.fromarray(image).resize((size, size), Image.NEAREST)
         out.paste(tile, (x + pad + (width - size) // 2, y + pad))
-        text, line = [], ""
-        for word in prompt.split():
-            if line and draw.textlength(f"{line} {word}", font=font) > width:
-                text.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        for i, t in enumerate([*text, line][:lines]):
+        for i, t in enumerate(wrap_text(draw, prompt, font, width)[:lines]):
             draw.text((x + pad, y + size + 2 * pad + i * line_height), t, fill="black", font=font)
     return out
 

@@ -480,6 +480,10 @@ def test_cli_eval_shapes(tmp_path, capsys):
         run("eval-shapes", "--reference", "--vae-reconstruction")
     with pytest.raises(UsageError, match="not a folder"):
         run("eval-shapes", "--vae-reconstruction", "--model", tmp_path / "missing")
+    with pytest.raises(
+        UsageError, match="--steps, --sampler set a model's sampling; not with --vae-recon"
+    ):
+        run("eval-shapes", "--vae-reconstruction", "--steps", 5, "--sampler", "euler")
     with pytest.raises(UsageError, match="--n"):
         run("eval-shapes", "--reference", "--n", 0)
     with pytest.raises(UsageError, match="--steps"):

@@ -63,7 +63,13 @@ def cmd_eval_shapes(args) -> None:
         raise UsageError("eval-shapes: give at most one of --model DIR and --reference")
     if args.reference and args.vae_reconstruction:
         raise UsageError("eval-shapes: give at most one of --reference and --vae-reconstruction")
-    if args.steps < 1:
+    sampling = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
+    sampling = {k: v for k, v in sampling.items() if v is not None}  # the rest: generate's
+    if sampling and (args.reference or args.vae_reconstruction):
+        flags = ", ".join(f"--{k}" for k in sampling)
+        mode = "--reference" if args.reference else "--vae-reconstruction"
+        raise UsageError(f"eval-shapes: {flags} set a model's sampling; not with {mode}")
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"eval-shapes: --steps must be at least 1, not {args.steps}")
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"eval-shapes: {args.model}: not a folder")
@@ -79,9 +85,7 @@ def cmd_eval_shapes(args) -> None:
             raise UsageError(
                 f"eval-shapes: unknown sampler {args.sampler!r}; see `jaxdiff samplers`"
             )
-        generate_fn = generate_fn_for_model(
-            args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler
-        )
+        generate_fn = generate_fn_for_model(args.model, **sampling)
     report = evaluate(generate_fn, args.n, args.seed, worst_k=16 if args.worst else 0)
     print(format_report(report))
     if args.worst:
@@ -116,7 +120,7 @@ def register(subparsers) -> None:
     s.add_argument("--n", type=int, default=200, help="number of prompts")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--worst", default=None, help="write the worst cases as a PNG grid here")
-    s.add_argument("--steps", type=int, default=30, help="sampling steps (as jaxdiff generate)")
+    s.add_argument("--steps", type=int, default=None, help="default: jaxdiff generate's")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (as jaxdiff generate)")
     s.add_argument("--sampler", default=None, help="default: the model's scheduler")
     s.set_defaults(fn=cmd_eval_shapes)

@@ -543,7 +543,8 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _wrap(draw, text: str, font, width: int) -> list[str]:
+def wrap_text(draw, text: str, font, width: int) -> list[str]:
+    """`text` broken at spaces into lines of at most `width` pixels in `font`."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}".strip()
@@ -576,7 +577,7 @@ def save_worst_grid(report: Report, path, *, columns: int = 4, cell: int = 128) 
             tile = Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (x + pad + i * (cell + pad), y + pad))
         text = [f"#{case.index}: {case.prompt}", *case.score.errors]
-        lines = [ln for t in text for ln in _wrap(draw, t, font, cell_w - 2 * pad)]
+        lines = [ln for t in text for ln in wrap_text(draw, t, font, cell_w - 2 * pad)]
         for i, line in enumerate(lines[:text_lines]):
             draw.text(
                 (x + pad, y + cell + 2 * pad + i * line_height), line, fill="black", font=font

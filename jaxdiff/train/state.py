@@ -143,11 +143,6 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
-def _decay_mask(params):
-    # Weight decay on kernels and embeddings, not on biases and norm scales.
-    return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
-
-
 def frozen_mask(prefixes: tuple):
     """params -> a tree of bools, True where a parameter's path starts with one of `prefixes`."""
 
@@ -169,14 +164,23 @@ def frozen_mask(prefixes: tuple):
     return mask
 
 
+def _decay_mask(cfg: TrainConfig):
+    """Weight decay on kernels and embeddings, not on biases, norm scales or frozen parameters."""
+    frozen = frozen_mask(tuple(cfg.freeze_params)) if cfg.freeze_params else None
+
+    def mask(params):
+        if frozen is None:
+            return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+        return jax.tree_util.tree_map(lambda x, f: x.ndim > 1 and not f, params, frozen(params))
+
+    return mask
+
+
 def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW. A frozen parameter (`freeze_params`) gets exactly zero
+    updates: the step drops its gradient (step._without_frozen), so its Adam moments stay zero,
+    and it has no weight decay."""
     parts = []
-    if cfg.freeze_params:
-        # Frozen parameters: their gradients dropped before clipping (so they count in no norm;
-        # the step drops them too, so that XLA never computes them), and their updates zeroed
-        # after AdamW, whose weight decay would move them otherwise.
-        freeze = optax.masked(optax.set_to_zero(), frozen_mask(tuple(cfg.freeze_params)))
-        parts.append(freeze)
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(
@@ -186,11 +190,9 @@ def optimizer(cfg: TrainConfig, learning_rate: optax.Schedule) -> optax.Gradient
             b2=cfg.adam_b2,
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
+            mask=_decay_mask(cfg),
         )
     )
-    if cfg.freeze_params:
-        parts.append(freeze)
     return optax.chain(*parts)
 
 
