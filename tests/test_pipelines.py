@@ -69,6 +69,21 @@ def test_seed_guidance_and_prompt_do_not_recompile(pipe):
     assert _denoise_jit._cache_size() == before + 1  # a step count is a shape: it compiles
 
 
+def test_lower_gives_the_program_without_running_it(pipe):
+    from jaxdiff.bench.harness import memory_of
+    from jaxdiff.pipelines.stable_diffusion import PipelineInputError
+
+    before = _denoise_jit._cache_size()
+    small = pipe.lower("a cat", batch=8, **KW).compile()
+    large = pipe.lower("a cat", batch=64, **KW).compile()
+    assert _denoise_jit._cache_size() == before  # nothing ran through the jitted function
+    assert memory_of(large) > memory_of(small)  # a per-device figure that grows with the batch
+    with pytest.raises(PipelineInputError, match="mode"):
+        pipe.lower("a cat", mode="refine")
+    with pytest.raises(PipelineInputError, match="steps"):
+        pipe.lower("a cat", steps=0)
+
+
 def test_negative_prompt_and_guidance_change_the_image(pipe):
     base = pipe.generate("a red circle", seed=4, **KW).images
     neg = pipe.generate("a red circle", seed=4, negative_prompt="blue", **KW).images

@@ -434,6 +434,15 @@ class StableDiffusion:
             p["interpolation"] = f"frame {i + 1}/{frames}, seeds {seed} -> {to_seed}, t={t[i]:.3f}"
         return result
 
+    def lower(self, prompt, *, mode: str = "text2img", **kw) -> jax.stages.Lowered:
+        """The one jitted program that `generate` (mode "text2img"), `img2img` or `inpaint` with
+        these arguments would run, lowered but neither compiled nor run. `.compile()` then gives
+        XLA's `memory_analysis()` (the bytes the call needs on one device, e.g. to find the
+        largest batch that fits) and `cost_analysis()` without allocating any of it."""
+        if mode not in ("text2img", "img2img", "inpaint"):
+            raise PipelineInputError(f"mode must be text2img, img2img or inpaint, got {mode!r}")
+        return self._run(mode, prompt, lower_only=True, **kw)
+
     def _static(self, mode, **kw) -> Static:
         return Static(
             unet=self.configs["unet"],
@@ -479,6 +488,7 @@ class StableDiffusion:
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         output: str = "images",
+        lower_only: bool = False,
     ) -> GenerationResult:
         from jaxdiff.pipelines.images import binarize_mask, read_image
 
@@ -640,6 +650,8 @@ class StableDiffusion:
             decode=output == "images",
             progress=progress,
         )
+        if lower_only:
+            return self._call(inputs, plan, static, b, progress, lower_only=True)
         images = self._call(inputs, plan, static, b, progress)
         params = [
             dict(
@@ -666,8 +678,9 @@ class StableDiffusion:
             if "text_encoder" not in self.configs:  # the refiner: its only encoder is the second
                 inputs[prefix + "ids"] = inputs[prefix + "ids_2"]
 
-    def _call(self, inputs, plan, static, b, progress):
-        """Pad the batch to a multiple of the device count, shard it, run, un-pad."""
+    def _call(self, inputs, plan, static, b, progress, lower_only=False):
+        """Pad the batch to a multiple of the device count, shard it, run, un-pad (or, with
+        `lower_only`, return the lowered program instead of running it)."""
         n = self.mesh.devices.size
         padded = -(-b // n) * n
         batched, scalars = {}, {}
@@ -687,6 +700,8 @@ class StableDiffusion:
         args = {k: jax.device_put(v, data) for k, v in batched.items()}
         args.update({k: jax.device_put(v, everywhere) for k, v in scalars.items()})
         plan = jax.device_put(plan, everywhere)
+        if lower_only:
+            return _denoise_jit.lower(self.params, args, plan, static)
         from jaxdiff.pipelines import progress as progress_bar
 
         with progress_bar.bar(enabled=progress, devices=n, total=plan.num_steps):
