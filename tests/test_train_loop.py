@@ -365,3 +365,83 @@ def test_text_encoder_training_with_cached_latents(tmp_path):
         b = traverse_util.flatten_dict(trained[name])
         diff = max(float(np.abs(np.asarray(a[k]) - b[k]).max()) for k in a)
         assert (diff > 0) == moved, (name, diff)
+
+
+def test_sdxl_time_ids_follow_the_crop(tmp_path):
+    """An image 40 px wide and 16 high at resolution 16 (no resize): the crop starts at column
+    12, and the flipped crop is the crop of the mirrored image that starts at column 40-16-12."""
+    from PIL import Image
+
+    from jaxdiff.train.data import load_image, sdxl_time_ids
+
+    columns = np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (16, 1, 3))
+    Image.fromarray(columns).save(tmp_path / "wide.png")
+    pixels = (load_image(tmp_path / "wide.png", 16) + 1.0) * 127.5
+    plain = sdxl_time_ids(40, 16, 16, flip=False)
+    flipped = sdxl_time_ids(40, 16, 16, flip=True)
+    assert plain.tolist() == [16, 40, 0, 12, 16, 16]  # (h, w), (top, left), target
+    assert round(float(pixels[0, 0, 0]) / 6) == plain[3]
+    mirrored_column = 39 - round(float(pixels[0, ::-1][0, 0]) / 6)
+    assert flipped[3] == mirrored_column == 12
+    odd = sdxl_time_ids(41, 16, 16, flip=True)  # 25 columns cut away: 12 left, 13 right
+    assert odd[3] == 13 and sdxl_time_ids(41, 16, 16, flip=False)[3] == 12
+    assert sdxl_time_ids(64, 128, 32, flip=False).tolist() == [128, 64, 16, 0, 32, 32]
+
+
+def test_sdxl_training_run_and_export(tmp_path):
+    """An SDXL-architecture model trains (both tokenizers, pooled text, size ids from each
+    image's own size and crop), with cached latents; the export loads as an SDXL pipeline in
+    jaxdiff and in diffusers. A refiner and train_text_encoder are refused."""
+    import dataclasses
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from jaxdiff.pipelines import load
+    from jaxdiff.train import loop
+    from jaxdiff.train.data import sdxl_time_ids
+
+    data = write_toy_dataset(tmp_path / "data", count=6, size=32)
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(data / "wide.png")
+    (data / "wide.txt").write_text("a wide red picture")
+    Image.new("RGB", (32, 64), (40, 40, 200)).save(data / "tall.png")
+    cfg = TrainConfig(
+        model="tiny-sdxl",
+        data_dir=str(data),
+        resolution=32,
+        batch_size=8,
+        steps=2,
+        cache_latents=True,
+        sample_every=0,
+    )
+    run = loop.prepare(cfg)
+    batches = loop.Batches(run, ImageCaptionFolder.scan(data))
+    host = batches.host_batch(batches.stream, 8, slice(0, 8))
+    assert host["input_ids_2"].shape == (8, 77) and host["time_ids"].shape == (8, 6)
+    index, flip = zip(*(batches.stream.example(k) for k in range(8)), strict=True)
+    for row, i, f in zip(host["time_ids"], index, flip, strict=True):
+        w, h = Image.open(batches.stream.dataset.paths[i]).size
+        assert row.tolist() == sdxl_time_ids(w, h, 32, f).tolist()
+    assert {tuple(r[:2]) for r in host["time_ids"]} >= {(32.0, 48.0), (64.0, 32.0)}
+
+    result = loop.train(cfg, tmp_path / "run", progress=False)
+    assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
+    out = loop.export(tmp_path / "run", tmp_path / "model")
+    pipe = load(out)
+    assert pipe.family == "sdxl"
+    images = pipe.generate("a red disk", steps=2, progress=False).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    reference = StableDiffusionXLPipeline.from_pretrained(out)
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pooled = reference.text_encoder_2.config.projection_dim
+        added = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.tensor([[32.0] * 6])}
+        context = torch.zeros(1, 77, reference.unet.config.cross_attention_dim)
+        eps = reference.unet(latents, 10, context, added_cond_kwargs=added).sample
+    assert eps.shape == latents.shape and torch.isfinite(eps).all()
+
+    with pytest.raises(ConfigError, match="train_text_encoder"):
+        loop.prepare(dataclasses.replace(cfg, train_text_encoder=True))
+    with pytest.raises(ConfigError, match="refiner"):
+        loop.prepare(dataclasses.replace(cfg, model="sdxl-refiner"))

@@ -106,20 +106,45 @@ class ImageCaptionFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index`, from its header (cached)."""
+        return _image_size(self.paths[index])
+
+
+@functools.lru_cache(maxsize=65536)
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def crop_box(width: int, height: int, resolution: int) -> tuple[tuple[int, int], int, int]:
+    """How `load_image` cuts a `width` x `height` image: ((resized width, height), left, top)
+    of the center crop, after resizing the shorter side to `resolution`."""
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return size, (size[0] - resolution) // 2, (size[1] - resolution) // 2
+
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
     """[resolution, resolution, 3] float32 in [-1, 1]: shorter side resized, center-cropped."""
     with Image.open(path) as img:
         img = img.convert("RGB")
-        w, h = img.size
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        size, left, top = crop_box(*img.size, resolution)
         img = img.resize(size, Image.Resampling.BICUBIC)
-        left = (size[0] - resolution) // 2
-        top = (size[1] - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
         pixels = np.asarray(img, dtype=np.float32)
     return pixels / 127.5 - 1.0
+
+
+def sdxl_time_ids(width: int, height: int, resolution: int, flip: bool) -> np.ndarray:
+    """SDXL's micro-conditioning of one training image, [6] float32: its original size (h, w),
+    the top-left corner (top, left) of the crop in the resized image (of the mirrored image when
+    `flip`: the crop is flipped after cutting), and the target size (resolution, resolution);
+    as diffusers' train_text_to_image_sdxl.py computes them (Podell et al. 2023, 2.2)."""
+    size, left, top = crop_box(width, height, resolution)
+    if flip:
+        left = size[0] - resolution - left
+    return np.asarray([height, width, top, left, resolution, resolution], np.float32)
 
 
 @functools.lru_cache(maxsize=4)

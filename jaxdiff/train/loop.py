@@ -34,8 +34,8 @@ from jaxdiff import sharding as shd
 from jaxdiff.checkpoint import Checkpointer, NonFiniteError
 from jaxdiff.train import state as st
 from jaxdiff.train.config import TrainConfig
-from jaxdiff.train.data import ImageCaptionFolder, Stream
-from jaxdiff.train.step import jit_train_step
+from jaxdiff.train.data import ImageCaptionFolder, Stream, sdxl_time_ids
+from jaxdiff.train.step import conditioning, jit_train_step
 
 SampleFn = Callable[[dict], np.ndarray]  # params by component -> uint8 [N, H, W, 3]
 
@@ -95,7 +95,7 @@ def prepare(cfg: TrainConfig, mesh: Mesh | None = None) -> Run:
         )
     trained = st.trained_components(cfg)
     base, from_preset = st.base_weights(cfg, skip=trained)
-    setup = st.build_setup(cfg, base.configs, base.scheduler_config)
+    setup = st.build_setup(cfg, base.configs, base.scheduler_config, base.tokenizers)
     pretrained = {name: None if from_preset else base.params[name] for name in trained}
     frozen = {n: base.params[n] for n in setup.modules if n not in trained}
     abstract, shardings, frozen_sh = st.state_shardings(setup, mesh, pretrained, frozen)
@@ -119,6 +119,7 @@ class Batches:
         self.stream = Stream(dataset, cfg.resolution, cfg.seed, cfg.random_flip, position)
         self.rows = shd.process_batch_slice(run.mesh, cfg.batch_size)
         self.tokenizer = run.base.tokenizers.get("tokenizer")
+        self.tokenizer_2 = run.base.tokenizers.get("tokenizer_2")
         self.latents = None  # [N, h, w, 2C] posterior moments of every image, when cached
 
     def host_batch(self, stream: Stream, global_batch: int, rows: slice) -> dict:
@@ -140,9 +141,18 @@ class Batches:
         else:
             raw = stream.batch(global_batch, rows)
             out = {"images": raw["images"]}
-            captions = raw["captions"]
+            captions, index, flip = raw["captions"], raw["index"], raw["flip"]
         if cfg.task == "unet":
             out["input_ids"] = tokenize(self.tokenizer, list(captions))
+            if self.run.setup.sdxl:
+                out["input_ids_2"] = tokenize(self.tokenizer_2, list(captions))
+                dataset = stream.dataset
+                out["time_ids"] = np.stack(
+                    [
+                        sdxl_time_ids(*dataset.image_size(i), cfg.resolution, f)
+                        for i, f in zip(index, flip, strict=True)
+                    ]
+                )
         return out
 
     def next(self) -> dict:
@@ -223,12 +233,8 @@ def preview_fn(run: Run, batches: Batches) -> SampleFn:
         t = jnp.full((n,), setup.schedule.num_train_timesteps // 2, jnp.int32)
         noise = jax.random.normal(jax.random.key(cfg.seed), x0.shape, jnp.float32)
         x_t = add_noise(setup.schedule, x0, noise, t)
-        context = (
-            setup.modules["text_encoder"]
-            .apply({"params": params["text_encoder"]}, batch["input_ids"])
-            .last_hidden_state
-        )
-        out = setup.modules["unet"].apply({"params": params["unet"]}, x_t, t, context)
+        context, extra = conditioning(setup, params, batch)
+        out = setup.modules["unet"].apply({"params": params["unet"]}, x_t, t, context, **extra)
         x0_pred, _ = _x0(setup, out, x_t, t)
         decode = lambda z: vae.apply(
             {"params": params["vae"]}, unscale_latents(setup.configs["vae"], z), method="decode"

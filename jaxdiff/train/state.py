@@ -114,6 +114,12 @@ class TrainSetup:
     tx: optax.GradientTransformation
     learning_rate: optax.Schedule
     empty_ids: np.ndarray | None  # [77] int32: the tokenized empty caption
+    empty_ids_2: np.ndarray | None = None  # ... by the second tokenizer (SDXL)
+
+    @property
+    def sdxl(self) -> bool:
+        """SDXL-style conditioning: two text encoders, a pooled embedding and size ids."""
+        return "text_encoder_2" in self.modules
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -209,22 +215,34 @@ def trained_scheduler_config(cfg: TrainConfig, scheduler_config: dict) -> dict:
     return out
 
 
-def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> TrainSetup:
+def build_setup(
+    cfg: TrainConfig, configs: dict, scheduler_config: dict, tokenizers: dict | None = None
+) -> TrainSetup:
+    """tokenizers: "tokenizer" (and "tokenizer_2") of the base model, for the empty caption
+    (default: the bundled CLIP tokenizer)."""
     from jaxdiff.schedules import NoiseSchedule, ScheduleConfig
 
     dtype = jnp.dtype(cfg.compute_dtype)
     trained = trained_components(cfg)
     needed = ("vae",) if cfg.task == "vae" else ("unet", "vae", "text_encoder")
+    sdxl = cfg.task == "unet" and "text_encoder_2" in configs
+    if sdxl:
+        if "text_encoder" not in configs:
+            raise ConfigError(
+                f"model {cfg.model!r} is an SDXL refiner (one text encoder, aesthetic-score "
+                "conditioning): training it is not supported"
+            )
+        if cfg.train_text_encoder:
+            raise ConfigError("train_text_encoder=True is not supported for SDXL models")
+        needed += ("text_encoder_2",)
     for name in needed:
         if name not in configs:
             raise ConfigError(f"model {cfg.model!r} has no {name}")
-    if cfg.task == "unet" and "text_encoder_2" in configs:
-        raise ConfigError("training SDXL-style models (two text encoders) is not supported yet")
     # Frozen components compute in float32 unless the run is bf16 throughout.
     modules = {
         name: module_for(configs[name], dtype=dtype, param_dtype=jnp.float32) for name in needed
     }
-    schedule, prediction_type, empty_ids = None, "", None
+    schedule, prediction_type, empty_ids, empty_ids_2 = None, "", None, None
     if cfg.task == "unet":
         trained_config = trained_scheduler_config(cfg, scheduler_config)
         sched_cfg = ScheduleConfig.from_diffusers(
@@ -245,7 +263,11 @@ def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> Trai
             )
         from jaxdiff.tokenizer import bundled_clip_tokenizer, tokenize
 
-        empty_ids = tokenize(bundled_clip_tokenizer(), [""])[0]
+        tokenizers = tokenizers or {}
+        empty_ids = tokenize(tokenizers.get("tokenizer") or bundled_clip_tokenizer(), [""])[0]
+        if sdxl:
+            tokenizer_2 = tokenizers.get("tokenizer_2") or bundled_clip_tokenizer()
+            empty_ids_2 = tokenize(tokenizer_2, [""])[0]
     lr = learning_rate_schedule(cfg)
     return TrainSetup(
         cfg=cfg,
@@ -257,6 +279,7 @@ def build_setup(cfg: TrainConfig, configs: dict, scheduler_config: dict) -> Trai
         tx=optimizer(cfg, lr),
         learning_rate=lr,
         empty_ids=empty_ids,
+        empty_ids_2=empty_ids_2,
     )
 
 

@@ -8,7 +8,9 @@ accumulation gives the gradient of the one big batch).
 
 Batches (host arrays, leading dimension the global batch):
   UNet task: "images" [B, H, W, 3] float32 in [-1, 1] (or "latents" [B, h, w, 2C]: the frozen
-             VAE's posterior moments, cached ahead), "input_ids" [B, 77] int32.
+             VAE's posterior moments, cached ahead), "input_ids" [B, 77] int32; for SDXL also
+             "input_ids_2" [B, 77] (the second tokenizer's) and "time_ids" [B, 6] float32
+             (original size, crop top-left, target size; jaxdiff.train.data.sdxl_time_ids).
   VAE task:  "images".
 """
 
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff.models.vae import DiagonalGaussian, scale_latents
+from jaxdiff.pipelines.conditioning import encode_sdxl
 from jaxdiff.schedules import add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.remat import remat_blocks
@@ -61,16 +64,34 @@ def _all_params(params, frozen):
     return {**frozen, **params}
 
 
-def _encode_text(setup: TrainSetup, all_params, input_ids):
-    """[B, 77] ids -> [B, 77, D] hidden states for cross-attention."""
-    out = (
-        setup.modules["text_encoder"]
-        .apply({"params": all_params["text_encoder"]}, input_ids)
-        .last_hidden_state
-    )
-    if "text_encoder" not in setup.trained:
-        out = jax.lax.stop_gradient(out)
-    return out
+def conditioning(setup: TrainSetup, all_params, batch, drop=None):
+    """The UNet's text conditioning of a batch: (context [B, 77, D], extra UNet inputs).
+
+    SD 1.x / 2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
+    states and the second's pooled projection (as the SDXL pipeline encodes prompts), with
+    `time_ids` passed through. `drop` [B] bool replaces those captions by the empty caption.
+    """
+    ids = batch["input_ids"]
+    if drop is not None:
+        ids = jnp.where(drop[:, None], setup.empty_ids[None, :], ids)
+    if not setup.sdxl:
+        out = (
+            setup.modules["text_encoder"]
+            .apply({"params": all_params["text_encoder"]}, ids)
+            .last_hidden_state
+        )
+        if "text_encoder" not in setup.trained:
+            out = jax.lax.stop_gradient(out)
+        return out, {}
+    ids_2 = batch["input_ids_2"]
+    if drop is not None:
+        ids_2 = jnp.where(drop[:, None], setup.empty_ids_2[None, :], ids_2)
+    encoders = [
+        (all_params[name], setup.configs[name]) for name in ("text_encoder", "text_encoder_2")
+    ]
+    dtype = jnp.dtype(setup.cfg.compute_dtype)
+    context, pooled = jax.lax.stop_gradient(encode_sdxl(encoders, [ids, ids_2], dtype=dtype))
+    return context, {"text_embeds": pooled, "time_ids": batch["time_ids"]}
 
 
 def _latents(setup: TrainSetup, all_params, batch, latent_eps):
@@ -94,10 +115,11 @@ def _unet_loss(params, frozen, micro, setup: TrainSetup):
     x0 = _latents(setup, all_params, micro, micro["latent_eps"])
     noise, t = micro["noise"], micro["t"]
     x_t = add_noise(setup.schedule, x0, noise, t)
-    ids = jnp.where(micro["drop"][:, None], setup.empty_ids[None, :], micro["input_ids"])
-    context = _encode_text(setup, all_params, ids)
+    context, extra = conditioning(setup, all_params, micro, micro["drop"])
     with remat_blocks(cfg.remat):
-        prediction = setup.modules["unet"].apply({"params": all_params["unet"]}, x_t, t, context)
+        prediction = setup.modules["unet"].apply(
+            {"params": all_params["unet"]}, x_t, t, context, **extra
+        )
     target = losses.diffusion_target(setup.schedule, setup.prediction_type, x0, noise, t)
     weights = losses.min_snr_weights(setup.schedule, setup.prediction_type, t, cfg.min_snr_gamma)
     loss = losses.weighted_mse(prediction, target, weights)
