@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,6 +83,23 @@ def test_lower_gives_the_program_without_running_it(pipe):
         pipe.lower("a cat", mode="refine")
     with pytest.raises(PipelineInputError, match="steps"):
         pipe.lower("a cat", steps=0)
+
+
+def test_bfloat16_pipeline_stores_its_weights_in_bfloat16(weights, pipe):
+    """A 16-bit pipeline keeps its parameters in that dtype (half the memory, no per-call cast)
+    and its images stay within bfloat16's error of the float32 pipeline's."""
+    from tolerances import BF16_RTOL
+
+    from jaxdiff.bench.harness import memory_of
+
+    half = StableDiffusion(weights, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half.params)} == {jnp.dtype("bfloat16")}
+    a = half.generate("a red circle", seed=1, batch=2, **KW).images
+    f = pipe.generate("a red circle", seed=1, batch=2, **KW).images
+    rel = np.linalg.norm(a - f) / np.linalg.norm(f)
+    assert rel < BF16_RTOL, rel
+    program = {p: p.lower("a", batch=8, **KW).compile() for p in (half, pipe)}
+    assert memory_of(program[half]) < memory_of(program[pipe])
 
 
 def test_negative_prompt_and_guidance_change_the_image(pipe):
