@@ -6,8 +6,8 @@ Random weights at the real sizes; nothing is downloaded. Two sets of rows:
   preset's UNet step, train step and text-to-image, each next to its PyTorch peer in the same
   process (torch limited to `torch_threads` threads).
 - `gpu`: the real sizes of issue 7 (SD 1.5 and SDXL UNet steps, VAE decode, text encoding,
-  25-step text-to-image, the SD 1.5 train step), in bfloat16; with `compare`, diffusers in
-  float16 with SDPA attention.
+  25-step text-to-image, the SD 1.5 train step, the largest SD 1.5 and SDXL text-to-image batch
+  one device holds), in bfloat16; with `compare`, diffusers in float16 with SDPA attention.
 
 How a figure is made: a jax program is lowered and compiled first (`compile_s`; the persistent
 compilation cache is off unless asked for, so this is a cold compile), then called `warmup`
@@ -18,10 +18,21 @@ counts a loop body once, so rows whose program loops (the blocked CPU attention,
 scan) give analytic FLOPs or none. `memory_bytes` is the compiled program's arguments, outputs
 and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none.
 
+The max-batch rows search for the largest batch whose compiled program fits the device's
+memory (`bytes_limit` of the allocator, or `--memory-gib`, less what is already in use), then
+run that batch once, host to host; their one record has `max_batch` (None on every other row):
+`batch` (the batch that ran), `analysis_batch` (the largest by XLA's analysis), `at_limit` (every
+batch up to the search's limit fits), `budget_bytes` and `budget_source`, `probes` ([batch,
+bytes] in the order compiled; bytes None where compiling ran out of memory) and `runs`
+({"batch", "bytes", "error"}: smaller batches are tried where the found one runs out of
+memory). Report schema `jaxdiff-bench/2`; /1 had no `max_batch`.
+
 The parts, each importing only those before it:
 
 - `jaxdiff.bench.harness`: measuring (`time_calls`, `measure_jax`, `measure_torch`, FLOPs,
   memory, the peer ratio), `Row`, and the report (`run`, `validate`, `table`, the schema).
+- `jaxdiff.bench.memory`: the largest batch that fits (`largest_batch`, `device_budget`) and its
+  row (`max_batch_sampling`).
 - `jaxdiff.bench.rows`: the PyTorch peers and the rows (`ROWS`, `select_rows`).
 - `jaxdiff.bench.cli`: the flags (`add_arguments`) and `main`, which `scripts/benchmark.py` and
   `jaxdiff bench` call; docs/benchmarks.md holds the figures.
@@ -30,6 +41,7 @@ The parts, each importing only those before it:
 from jaxdiff.bench.cli import add_arguments, main
 from jaxdiff.bench.harness import (
     GPU_XLA_FLAGS,
+    MAX_BATCH_KEYS,
     PEAK_BF16_TFLOPS,
     REQUIRED_RESULT_KEYS,
     SCHEMA,
@@ -50,6 +62,13 @@ from jaxdiff.bench.harness import (
     validate,
     with_peer_ratios,
 )
+from jaxdiff.bench.memory import (
+    MEM_FRACTION,
+    Search,
+    device_budget,
+    largest_batch,
+    max_batch_sampling,
+)
 from jaxdiff.bench.rows import (
     ROWS,
     attention_micro,
@@ -64,6 +83,8 @@ from jaxdiff.bench.rows import (
 
 __all__ = [
     "GPU_XLA_FLAGS",
+    "MAX_BATCH_KEYS",
+    "MEM_FRACTION",
     "PEAK_BF16_TFLOPS",
     "REQUIRED_RESULT_KEYS",
     "ROWS",
@@ -71,13 +92,17 @@ __all__ = [
     "Context",
     "Result",
     "Row",
+    "Search",
     "Timing",
     "add_arguments",
     "attention_micro",
     "conv_micro",
+    "device_budget",
     "environment",
     "flops_of",
+    "largest_batch",
     "main",
+    "max_batch_sampling",
     "measure_jax",
     "measure_torch",
     "memory_of",

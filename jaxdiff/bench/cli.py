@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
-from jaxdiff.bench.harness import GPU_XLA_FLAGS, Context, Result, run, table
+from jaxdiff.bench.harness import GPU_XLA_FLAGS, Context, Result, Row, run, table
 from jaxdiff.bench.rows import ROWS, select_rows
 
 
@@ -48,7 +49,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="default",
         help="'gpu' appends GPU_XLA_FLAGS to XLA_FLAGS (before jax starts)",
     )
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory the max-batch rows search within (default: the device's allocator "
+        "limit; the CPU has none)",
+    )
     p.add_argument("--list", action="store_true", help="list the rows and exit")
+
+
+def raise_memory_fraction(rows: list[Row]) -> None:
+    """Let jax's GPU allocator take the largest `mem_fraction` of `rows` where every row asks
+    for one (see jaxdiff.bench.memory.MEM_FRACTION), unless either fraction variable is set
+    already: jax refuses both at once. Takes effect only before jax starts its GPU backend."""
+    names = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if not rows or not all(r.mem_fraction for r in rows) or any(map(os.environ.get, names)):
+        return
+    os.environ["XLA_CLIENT_MEM_FRACTION"] = str(max(r.mem_fraction for r in rows))
 
 
 def main(args: argparse.Namespace) -> dict | None:
@@ -59,10 +78,14 @@ def main(args: argparse.Namespace) -> dict | None:
         return None
     if args.runs < 1 or args.warmup < 0:
         raise ValueError("--runs must be >= 1 and --warmup >= 0")
+    if args.memory_gib is not None and not (math.isfinite(args.memory_gib) and args.memory_gib > 0):
+        raise ValueError(f"--memory-gib must be a number > 0, got {args.memory_gib}")
     if args.xla_flags == "gpu":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GPU_XLA_FLAGS).strip()
     # jax must not take most of the GPU's memory up front: the torch peer shares the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # The default set depends on the backend, known once jax has started; a GPU's is "gpu".
+    raise_memory_fraction(select_rows(args.rows, args.device_rows or "gpu"))
     import jax
 
     if args.cache:
@@ -72,7 +95,14 @@ def main(args: argparse.Namespace) -> dict | None:
     rows = select_rows(args.rows, device_rows)
     compare = args.compare if args.compare is not None else device_rows == "cpu"
     threads = args.torch_threads or (os.cpu_count() if jax.default_backend() == "cpu" else None)
-    ctx = Context(runs=args.runs, warmup=args.warmup, compare=compare, torch_threads=threads)
+    budget = None if args.memory_gib is None else int(args.memory_gib * 2**30)
+    ctx = Context(
+        runs=args.runs,
+        warmup=args.warmup,
+        compare=compare,
+        torch_threads=threads,
+        memory_budget=budget,
+    )
     doc = run(rows, ctx, args.json)
     print(table([Result(**r) for r in doc["results"]]))
     if doc["errors"]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 
-SCHEMA = "jaxdiff-bench/1"
+SCHEMA = "jaxdiff-bench/2"  # /2: results have `max_batch`
 
 # Dense bf16 peaks (TFLOP/s, no sparsity) by a substring of jax's device_kind.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
@@ -71,6 +71,7 @@ class Result:
     peer: bool = False  # the reference implementation of its case
     vs_peer: float | None = None  # peer time / this time: > 1 is faster than the peer
     note: str = ""
+    max_batch: dict | None = None  # the largest-batch search (MAX_BATCH_KEYS), max-batch rows only
 
     @classmethod
     def from_timing(cls, row, case, impl, timing, *, compile_s, items=None, **fields) -> Result:
@@ -143,6 +144,7 @@ class Context:
     warmup: int = 2
     compare: bool = True  # measure the PyTorch peer where a row has one
     torch_threads: int | None = None  # torch.set_num_threads on the CPU
+    memory_budget: int | None = None  # bytes of device memory for max-batch rows (--memory-gib)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     @property
@@ -329,6 +331,19 @@ def report(env: dict, results: list[Result], errors: dict[str, str]) -> dict:
 
 
 REQUIRED_RESULT_KEYS = {f.name for f in dataclasses.fields(Result)}
+# `max_batch` of a max-batch row (jaxdiff.bench.memory): the batch that ran, the largest by XLA's
+# memory analysis, whether that reached the search's limit, the budget in bytes and where it came
+# from, the probes as [batch, bytes or None] in the order compiled, and the confirming runs as
+# {"batch", "bytes", "error"} (error None for the one that ran).
+MAX_BATCH_KEYS = {
+    "batch",
+    "analysis_batch",
+    "at_limit",
+    "budget_bytes",
+    "budget_source",
+    "probes",
+    "runs",
+}
 
 
 def validate(doc: dict) -> None:
@@ -347,6 +362,10 @@ def validate(doc: dict) -> None:
             raise ValueError(f"result lacks {sorted(missing)}")
         if not r["median_ms"] > 0 or len(r["runs_ms"]) < 1:
             raise ValueError(f"result {r['row']}/{r['impl']} has no timing")
+        if r["max_batch"] is not None:
+            missing = MAX_BATCH_KEYS - set(r["max_batch"])
+            if missing:
+                raise ValueError(f"result {r['row']}: max_batch lacks {sorted(missing)}")
 
 
 def _fmt(value, spec: str, missing: str = "") -> str:
@@ -377,6 +396,7 @@ class Row:
     device: str  # "cpu" or "gpu": which default set it belongs to
     help: str
     run: Callable[[Context, str], list[Result]]  # (context, row name) -> results
+    mem_fraction: float | None = None  # of the GPU for jax's pool, where only such rows run
 
 
 def run(rows: list[Row], ctx: Context, json_path: str | None = None) -> dict:

@@ -17,6 +17,7 @@ from jaxdiff.bench.harness import (
     measure_torch,
     time_calls,
 )
+from jaxdiff.bench.memory import MEM_FRACTION, max_batch_sampling
 
 # ----------------------------------------------------------------------------- the peers
 
@@ -514,8 +515,8 @@ def conv_micro(ctx: Context, row: str, batch=2, size=64, channels=320):
 
 
 def _rows() -> dict[str, Row]:
-    def row(name, device, help, fn):
-        return name, Row(name, device, help, fn)
+    def row(name, device, help, fn, **kw):
+        return name, Row(name, device, help, fn, **kw)
 
     return dict(
         [
@@ -589,6 +590,21 @@ def _rows() -> dict[str, Row]:
                 "gpu",
                 "SD 1.5 train step, b8, 512px, cached latents",
                 lambda c, r: train_step(c, "sd15", 512, 8, "bfloat16", r),
+            ),
+            # Last: they grow jax's memory pool to its limit, and jax keeps what it has grown to.
+            row(
+                "sd15-max-batch",
+                "gpu",
+                "SD 1.5 text-to-image, largest batch on one device, 512px, 25 Euler steps",
+                lambda c, r: max_batch_sampling(c, "sd15", 512, 25, "bfloat16", r),
+                mem_fraction=MEM_FRACTION,
+            ),
+            row(
+                "sdxl-max-batch",
+                "gpu",
+                "SDXL text-to-image, largest batch on one device, 1024px, 25 Euler steps",
+                lambda c, r: max_batch_sampling(c, "sdxl", 1024, 25, "bfloat16", r),
+                mem_fraction=MEM_FRACTION,
             ),
         ]
     )
