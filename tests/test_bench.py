@@ -106,7 +106,7 @@ def test_every_issue_row_exists():
     gpu = {r.name for r in bench.ROWS.values() if r.device == "gpu"}
     assert {"attention", "conv", "tiny-unet", "tiny-train", "tiny-txt2img"} <= cpu
     assert {"sd15-unet", "sdxl-unet", "vae-decode", "text-encode", "sd15-txt2img"} <= gpu
-    assert "sd15-train" in gpu
+    assert {"sd15-train", "sdxl-train", "sd15-max-batch", "sdxl-max-batch"} <= gpu
 
 
 def test_run_writes_a_valid_report_and_survives_a_failing_row(tmp_path):
