@@ -397,4 +397,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m jaxdiff.cli`: run the imported module's main, not this `__main__` copy, whose
+    # UsageError would be a different class from the one the subcommands raise.
+    from jaxdiff.cli import main as module_main
+
+    sys.exit(module_main())

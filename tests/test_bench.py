@@ -209,3 +209,21 @@ def test_cpu_attention_gradient_matches_autodiff_of_dot_product_attention(tokens
     want = jax.grad(reference, argnums=(0, 1, 2))(q, k, v)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert_close(g, w, f"d{name}")
+
+
+def test_python_m_jaxdiff_cli_reports_bad_input_in_one_line():
+    """`python -m jaxdiff.cli` runs the module as __main__; bad input must still be one line and
+    exit status 2, not a traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.cli", "bench", "--runs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "jaxdiff: error: bench: --runs must be >= 1 and --warmup >= 0"
+    ]
