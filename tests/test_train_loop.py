@@ -402,18 +402,28 @@ def test_sdxl_training_run_and_export(tmp_path):
     from jaxdiff.train import loop
     from jaxdiff.train.data import sdxl_time_ids
 
-    data = write_toy_dataset(tmp_path / "data", count=6, size=32)
-    Image.new("RGB", (48, 32), (200, 40, 40)).save(data / "wide.png")
+    data = write_toy_dataset(tmp_path / "data", count=6, size=16)
+    Image.new("RGB", (24, 16), (200, 40, 40)).save(data / "wide.png")
     (data / "wide.txt").write_text("a wide red picture")
-    Image.new("RGB", (32, 64), (40, 40, 200)).save(data / "tall.png")
+    Image.new("RGB", (16, 32), (40, 40, 200)).save(data / "tall.png")
+    micro_sdxl = {  # one level of tiny-sdxl's blocks: a short compile
+        "down_block_types": ("CrossAttnDownBlock2D",),
+        "up_block_types": ("CrossAttnUpBlock2D",),
+        "block_out_channels": (32,),
+        "transformer_layers_per_block": (1,),
+        "attention_head_dim": (2,),
+        "sample_size": 8,
+    }
     cfg = TrainConfig(
         model="tiny-sdxl",
+        unet=micro_sdxl,
         data_dir=str(data),
-        resolution=32,
+        resolution=16,
         batch_size=8,
         steps=2,
         cache_latents=True,
         sample_every=0,
+        min_shard_size=256,
     )
     run = loop.prepare(cfg)
     batches = loop.Batches(run, ImageCaptionFolder.scan(data))
@@ -422,8 +432,8 @@ def test_sdxl_training_run_and_export(tmp_path):
     index, flip = zip(*(batches.stream.example(k) for k in range(8)), strict=True)
     for row, i, f in zip(host["time_ids"], index, flip, strict=True):
         w, h = Image.open(batches.stream.dataset.paths[i]).size
-        assert row.tolist() == sdxl_time_ids(w, h, 32, f).tolist()
-    assert {tuple(r[:2]) for r in host["time_ids"]} >= {(32.0, 48.0), (64.0, 32.0)}
+        assert row.tolist() == sdxl_time_ids(w, h, 16, f).tolist()
+    assert {tuple(r[:2]) for r in host["time_ids"]} >= {(16.0, 24.0), (32.0, 16.0)}
 
     result = loop.train(cfg, tmp_path / "run", progress=False)
     assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
@@ -431,9 +441,9 @@ def test_sdxl_training_run_and_export(tmp_path):
     pipe = load(out)
     assert pipe.family == "sdxl"
     images = pipe.generate("a red disk", steps=2, progress=False).images
-    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
     reference = StableDiffusionXLPipeline.from_pretrained(out)
-    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         pooled = reference.text_encoder_2.config.projection_dim
         added = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.tensor([[32.0] * 6])}
