@@ -128,8 +128,13 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)]) == 2
     assert main(["train", str(CONFIGS[-1]), "--workdir", str(tmp_path), "--set", "x=1"]) == 2
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    data = write_toy_dataset(tmp_path / "data", count=2, size=16)
+    sdxl = ["train", str(REPO / "configs" / "sdxl.py"), "--workdir", str(tmp_path / "run")]
+    # The recipe needs a model folder (batch 8: the tests have 8 devices).
+    assert main([*sdxl, "--set", f"data_dir={data}", "--set", "batch_size=8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("jaxdiff: error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("jaxdiff: error: ") for line in err)
+    assert "model is not set" in err[-1] and not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -60,6 +60,11 @@ def base_weights(cfg: TrainConfig, *, skip=()):
     from jaxdiff.convert.diffusers import PipelineWeights, load_pipeline
     from jaxdiff.tokenizer import bundled_clip_tokenizer
 
+    if not cfg.model:
+        raise ConfigError(
+            f"model is not set (--set model=FOLDER of a diffusers model, or a preset: "
+            f"{', '.join(PRESETS)})"
+        )
     if cfg.model in PRESETS:
         preset = PRESETS[cfg.model]
         configs = _override(preset.components(), cfg)
