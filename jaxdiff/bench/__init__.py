@@ -16,7 +16,9 @@ the figure is the median. FLOPs are XLA's cost analysis of the compiled program;
 dense bf16 peak is known gets model FLOPs utilization, anything else achieved GFLOP/s. XLA
 counts a loop body once, so rows whose program loops (the blocked CPU attention, the sampler's
 scan) give analytic FLOPs or none. `memory_bytes` is the compiled program's arguments, outputs
-and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none.
+and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none. `page_faults`
+and `system_ms` are the process's minor page faults and system CPU time per timed call (where
+the `resource` module exists): what the kernel spends mapping fresh memory.
 
 The max-batch rows search for the largest batch whose compiled program fits the device's
 memory (`bytes_limit` of the allocator, or `--memory-gib`, less what is already in use), then
@@ -25,7 +27,8 @@ run that batch once, host to host; their one record has `max_batch` (None on eve
 batch up to the search's limit fits), `budget_bytes` and `budget_source`, `probes` ([batch,
 bytes] in the order compiled; bytes None where compiling ran out of memory) and `runs`
 ({"batch", "bytes", "error"}: smaller batches are tried where the found one runs out of
-memory). Report schema `jaxdiff-bench/2`; /1 had no `max_batch`.
+memory). Report schema `jaxdiff-bench/2`; /1 had no `max_batch`, `page_faults` or
+`system_ms`.
 
 The parts, each importing only those before it:
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 
-SCHEMA = "jaxdiff-bench/2"  # /2: results have `max_batch`
+SCHEMA = "jaxdiff-bench/2"  # /2: results have `max_batch`, `page_faults`, `system_ms`
 
 # Dense bf16 peaks (TFLOP/s, no sparsity) by a substring of jax's device_kind.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
@@ -36,6 +36,18 @@ GPU_XLA_FLAGS = (
 class Timing:
     median_ms: float
     runs_ms: list[float]
+    # Over the timed calls, per call, for the whole process (every thread): minor page faults and
+    # system CPU time. A CPU program that maps fresh memory on every call shows here.
+    page_faults: float | None = None
+    system_ms: float | None = None
+
+
+def _usage():
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF)
 
 
 def time_calls(fn: Callable[[], object], *, runs: int, warmup: int, clock=time.perf_counter):
@@ -45,11 +57,20 @@ def time_calls(fn: Callable[[], object], *, runs: int, warmup: int, clock=time.p
     for _ in range(warmup):
         fn()
     times = []
+    before = _usage()
     for _ in range(runs):
         start = clock()
         fn()
         times.append(1e3 * (clock() - start))
-    return Timing(statistics.median(times), times)
+    after = _usage()
+    if before is None or after is None:
+        return Timing(statistics.median(times), times)
+    return Timing(
+        statistics.median(times),
+        times,
+        page_faults=(after.ru_minflt - before.ru_minflt) / runs,
+        system_ms=1e3 * (after.ru_stime - before.ru_stime) / runs,
+    )
 
 
 @dataclasses.dataclass
@@ -71,6 +92,8 @@ class Result:
     peer: bool = False  # the reference implementation of its case
     vs_peer: float | None = None  # peer time / this time: > 1 is faster than the peer
     note: str = ""
+    page_faults: float | None = None  # minor page faults per timed call (the whole process)
+    system_ms: float | None = None  # system CPU time per timed call (the whole process)
     max_batch: dict | None = None  # the largest-batch search (MAX_BATCH_KEYS), max-batch rows only
 
     @classmethod
@@ -84,6 +107,8 @@ class Result:
             [round(t, 3) for t in timing.runs_ms],
             compile_s=round(compile_s, 2),
             items_per_s=round(items / (timing.median_ms / 1e3), 3) if items else None,
+            page_faults=None if timing.page_faults is None else round(timing.page_faults, 1),
+            system_ms=None if timing.system_ms is None else round(timing.system_ms, 2),
             **fields,
         )
 
@@ -307,6 +332,7 @@ def environment(ctx: Context) -> dict:
         "load_average_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         "runs": ctx.runs,
         "warmup": ctx.warmup,

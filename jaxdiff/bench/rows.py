@@ -235,14 +235,13 @@ def text_to_image(ctx: Context, preset: str, batch: int, steps: int, dtype_name:
     first_s = time.perf_counter() - start
     timing = time_calls(run, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0))
     results = [
-        Result(
+        Result.from_timing(
             row,
             case,
             "jaxdiff",
-            round(timing.median_ms, 3),
-            [round(t, 3) for t in timing.runs_ms],
-            compile_s=round(first_s - timing.median_ms / 1e3, 2),
-            items_per_s=round(batch / (timing.median_ms / 1e3), 3),
+            timing,
+            compile_s=first_s - timing.median_ms / 1e3,
+            items=batch,
             note="compile_s: first call less the median; host to host, PNG not written",
         )
     ]
