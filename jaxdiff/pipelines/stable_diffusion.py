@@ -438,7 +438,7 @@ class StableDiffusion:
         """The one jitted program that `generate` (mode "text2img"), `img2img` or `inpaint` with
         these arguments would run, lowered but neither compiled nor run. `.compile()` then gives
         XLA's `memory_analysis()` (the bytes the call needs on one device, e.g. to find the
-        largest batch that fits) and `cost_analysis()` without allocating any of it."""
+        largest batch that fits) and `cost_analysis()`, before that memory is allocated."""
         if mode not in ("text2img", "img2img", "inpaint"):
             raise PipelineInputError(f"mode must be text2img, img2img or inpaint, got {mode!r}")
         return self._run(mode, prompt, lower_only=True, **kw)
