@@ -427,7 +427,8 @@ def test_sdxl_training_run_and_export(tmp_path):
         batch_size=8,
         steps=2,
         cache_latents=True,
-        sample_every=0,
+        sample_every=2,  # one-step denoising previews, through the SDXL conditioning too
+        num_samples=2,
         min_shard_size=256,
     )
     run = loop.prepare(cfg)
@@ -442,6 +443,8 @@ def test_sdxl_training_run_and_export(tmp_path):
 
     result = loop.train(cfg, tmp_path / "run", progress=False)
     assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
+    preview = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_000002.png"))
+    assert preview.shape == (2 * 16, 2 * 16, 3)  # inputs on top, predictions below
     out = loop.export(tmp_path / "run", tmp_path / "model")
     pipe = load(out)
     assert pipe.family == "sdxl"
