@@ -24,7 +24,6 @@ def get_config():
         steps=15000,
         learning_rate=1e-5,
         lr_schedule="constant",
-        weight_decay=1e-2,
         ema_decay=0.9999,
         caption_dropout=0.1,
         compute_dtype="bfloat16",

@@ -17,22 +17,17 @@ default 75%: XLA_CLIENT_MEM_FRACTION=0.95. batch_size is global: on several devi
 divide by their number (or set grad_accum; mesh_fsdp shards the state over devices).
 """
 
-import common
+import dataclasses
+
+import sd15
 
 
 def get_config():
-    return common.base(
-        model="",  # a diffusers SDXL base folder: --set model=PATH
+    # configs/sd15.py's recipe (bfloat16, remat, cached latents, EMA 0.9999), at SDXL's settings.
+    return dataclasses.replace(
+        sd15.get_config(),
         resolution=1024,
-        batch_size=4,
         steps=10000,
         learning_rate=1e-6,
-        lr_schedule="constant",
-        ema_decay=0.9999,
         caption_dropout=0.2,
-        compute_dtype="bfloat16",
-        remat=True,
-        cache_latents=True,
-        checkpoint_every=500,
-        keep_checkpoints=2,
     )

@@ -493,23 +493,25 @@ def vae_reconstruction_generate_fn(path=None) -> Callable[[list[str]], np.ndarra
     upper bound for the whole model. `path`: a model folder (None: the bundled model)."""
     import jax
 
+    from jaxdiff.convert.diffusers import load_component, read_pipeline_configs
     from jaxdiff.models.build import module_for
-    from jaxdiff.pipelines import load
+    from jaxdiff.pipelines.bundled import bundled_model_dir
     from jaxdiff.pipelines.images import to_uint8
 
-    pipe = load(path)
-    vae = module_for(pipe.configs["vae"])
-    variables = {"params": jax.device_get(pipe.params["vae"])}
+    path = Path(path) if path is not None else bundled_model_dir()
+    vae_config, params = load_component(path / "vae")  # only the VAE's weights are read
+    vae = module_for(vae_config)
+    size = read_pipeline_configs(path)["unet"].sample_size * vae_config.downsampling_factor
 
     @jax.jit
-    def round_trip(images):
-        z = vae.apply(variables, images, method=vae.encode).mean
-        return (vae.apply(variables, z, method=vae.decode) + 1.0) / 2.0
+    def round_trip(params, images):
+        z = vae.apply({"params": params}, images, method=vae.encode).mean
+        return (vae.apply({"params": params}, z, method=vae.decode) + 1.0) / 2.0
 
     def generate(prompts):
-        size = pipe.native_size
         images = np.stack([render(parse_caption(p), size) for p in prompts])
-        return to_uint8(np.asarray(round_trip(images.astype(np.float32) / 127.5 - 1.0)))
+        out = round_trip(params, images.astype(np.float32) / 127.5 - 1.0)
+        return to_uint8(np.asarray(out))
 
     return generate
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff.models.vae import DiagonalGaussian, scale_latents
-from jaxdiff.pipelines.conditioning import encode_sdxl
+from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl
 from jaxdiff.schedules import add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.remat import remat_blocks
@@ -71,25 +71,23 @@ def conditioning(setup: TrainSetup, all_params, batch, drop=None):
     states and the second's pooled projection (as the SDXL pipeline encodes prompts), with
     `time_ids` passed through. `drop` [B] bool replaces those captions by the empty caption.
     """
+    dtype = jnp.dtype(setup.cfg.compute_dtype)
     ids = batch["input_ids"]
     if drop is not None:
         ids = jnp.where(drop[:, None], setup.empty_ids[None, :], ids)
     if not setup.sdxl:
-        out = (
-            setup.modules["text_encoder"]
-            .apply({"params": all_params["text_encoder"]}, ids)
-            .last_hidden_state
+        context = encode_sd(
+            all_params["text_encoder"], setup.configs["text_encoder"], ids, dtype=dtype
         )
         if "text_encoder" not in setup.trained:
-            out = jax.lax.stop_gradient(out)
-        return out, {}
+            context = jax.lax.stop_gradient(context)
+        return context, {}
     ids_2 = batch["input_ids_2"]
     if drop is not None:
         ids_2 = jnp.where(drop[:, None], setup.empty_ids_2[None, :], ids_2)
     encoders = [
         (all_params[name], setup.configs[name]) for name in ("text_encoder", "text_encoder_2")
     ]
-    dtype = jnp.dtype(setup.cfg.compute_dtype)
     context, pooled = jax.lax.stop_gradient(encode_sdxl(encoders, [ids, ids_2], dtype=dtype))
     return context, {"text_embeds": pooled, "time_ids": batch["time_ids"]}
 
