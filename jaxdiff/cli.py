@@ -378,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The `jaxdiff` command. Run as a program (`argv` None), it first starts itself again with
+    huge pages for XLA's CPU temporaries where that applies (jaxdiff.hugepages)."""
+    if argv is None:
+        from jaxdiff.hugepages import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     from jaxdiff.convert.diffusers import WeightsError
 
     try:
