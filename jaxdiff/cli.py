@@ -378,12 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """The `jaxdiff` command. Run as a program (`argv` None), it first starts itself again with
-    huge pages for XLA's CPU temporaries where that applies (jaxdiff.hugepages)."""
+    """The `jaxdiff` command. Run as a program (`argv` None), it first applies the CPU process
+    settings of jaxdiff.cpu_tuning (huge pages, XLA flags)."""
     if argv is None:
-        from jaxdiff.hugepages import reexec_with_huge_pages
+        from jaxdiff.cpu_tuning import tune_process
 
-        reexec_with_huge_pages()
+        tune_process()
     from jaxdiff.convert.diffusers import WeightsError
 
     try:

@@ -13,10 +13,10 @@ import sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxdiff.hugepages import reexec_with_huge_pages  # noqa: E402
+from jaxdiff.cpu_tuning import tune_process  # noqa: E402
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # before jax loads, as the `jaxdiff` command does
+    tune_process()  # before jax loads, as the `jaxdiff` command does
 
 from jaxdiff import bench  # noqa: E402
 

@@ -1,0 +1,208 @@
+"""jaxdiff.cpu_tuning: when the `jaxdiff` command starts itself again with glibc's huge-page
+tunable, that it does so once, and that it then takes the page faults off XLA's temporaries; and
+the CPU XLA flags: when they are set, that this jaxlib accepts them, and that convolutions and
+their gradients give the same numbers under them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+from jaxdiff import cpu_tuning
+
+GLIBC = (2, 36)
+HUGE_PAGES = (
+    cpu_tuning.glibc_version() is not None
+    and cpu_tuning.glibc_version() >= cpu_tuning.MIN_GLIBC
+    and cpu_tuning.thp_mode() == "madvise"
+)
+needs_huge_pages = pytest.mark.skipif(
+    not HUGE_PAGES, reason="needs glibc >= 2.35 and transparent huge pages in madvise mode"
+)
+XLA_FLAGS_APPLY = cpu_tuning.jaxlib_version() in cpu_tuning.XLA_FLAG_JAXLIB
+
+
+# ----------------------------------------------------------------------------- huge pages
+
+
+def test_tuned_environ_sets_the_tunable_where_it_applies():
+    env = cpu_tuning.tuned_environ({"HOME": "/h"}, GLIBC, "madvise")
+    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    # Other tunables are kept, the new one appended.
+    env = cpu_tuning.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise")
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert cpu_tuning.tuned_environ({cpu_tuning.OPT_OUT: "1"}, (2, 35), "madvise") is not None
+
+
+@pytest.mark.parametrize(
+    "environ, glibc, thp",
+    [
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise"),  # the user's choice
+        ({"GLIBC_TUNABLES": "a.b=1:glibc.malloc.hugetlb=2"}, GLIBC, "madvise"),
+        ({cpu_tuning.OPT_OUT: "0"}, GLIBC, "madvise"),  # opted out
+        ({}, (2, 34), "madvise"),  # glibc without the tunable
+        ({}, None, "madvise"),  # musl, macOS, Windows
+        ({}, GLIBC, "always"),  # the kernel uses huge pages already
+        ({}, GLIBC, "never"),  # the tunable would do nothing
+        ({}, GLIBC, None),  # no THP support
+    ],
+)
+def test_tuned_environ_leaves_everything_else_alone(environ, glibc, thp):
+    assert cpu_tuning.tuned_environ(environ, glibc, thp) is None
+
+
+def test_thp_mode_reads_the_bracketed_mode(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert cpu_tuning.thp_mode(str(path)) == "madvise"
+    path.write_text("[always] madvise never\n")
+    assert cpu_tuning.thp_mode(str(path)) == "always"
+    path.write_text("garbage\n")
+    assert cpu_tuning.thp_mode(str(path)) is None
+    assert cpu_tuning.thp_mode(str(tmp_path / "missing")) is None
+
+
+def _env(**extra):
+    """This environment without any tuning of its own, plus `extra`."""
+    drop = ("GLIBC_TUNABLES", "XLA_FLAGS", "JAX_PLATFORMS", cpu_tuning.OPT_OUT)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, **extra}
+
+
+@needs_huge_pages
+def test_reexec_starts_the_program_once_more_with_the_tunable():
+    code = (
+        "import os, sys; from jaxdiff.cpu_tuning import reexec_with_huge_pages as r; r(); "
+        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "x", "--y"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    lines = stdout.splitlines()
+    assert len(lines) == 1  # printed once: after the one restart, not before it
+    pid, tunables, args = lines[0].split(" ", 2)
+    assert int(pid) == proc.pid  # the same process, its program image replaced
+    assert tunables == "glibc.malloc.hugetlb=1"
+    assert args == "['x', '--y']"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(**{cpu_tuning.OPT_OUT: "0"}), capture_output=True
+    )
+    assert out.stdout.decode().split(" ")[1] == "None"
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("opt_out, starts", [(None, 2), ("0", 1)])
+def test_the_jaxdiff_command_restarts_itself(opt_out, starts):
+    """`python -X importtime` logs every import to stderr, in each start of the interpreter."""
+    env = _env(**({cpu_tuning.OPT_OUT: opt_out} if opt_out else {}))
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "jaxdiff", "samplers"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "euler" in out.stdout
+    cli_imports = [line for line in out.stderr.splitlines() if line.endswith("| jaxdiff.cli")]
+    assert len(cli_imports) == starts
+
+
+# ----------------------------------------------------------------------------- XLA flags
+
+
+def test_tuned_xla_flags_where_they_apply():
+    flags = cpu_tuning.CPU_XLA_FLAGS
+    (measured,) = cpu_tuning.XLA_FLAG_JAXLIB
+    assert cpu_tuning.tuned_xla_flags({}, measured) == flags
+    assert cpu_tuning.tuned_xla_flags({"XLA_FLAGS": "--a=1"}, measured) == f"--a=1 {flags}"
+    # The user's own value of the option is kept; opting out, or another jaxlib, changes nothing.
+    mine = {"XLA_FLAGS": f"{cpu_tuning.CPU_XLA_OPTION}=+individual_convolution"}
+    assert cpu_tuning.tuned_xla_flags(mine, measured) is None
+    assert cpu_tuning.tuned_xla_flags({cpu_tuning.OPT_OUT: "0"}, measured) is None
+    assert cpu_tuning.tuned_xla_flags({}, (measured[0], measured[1] + 1)) is None
+    assert cpu_tuning.tuned_xla_flags({}, None) is None
+
+
+def test_tune_process_leaves_a_started_jax_alone(monkeypatch):
+    import jax  # noqa: F401  (started, as in this test process)
+
+    monkeypatch.setattr(cpu_tuning, "reexec_with_huge_pages", lambda: None)
+    monkeypatch.setenv("XLA_FLAGS", "--mine=1")
+    monkeypatch.delenv(cpu_tuning.OPT_OUT, raising=False)
+    cpu_tuning.tune_process()
+    assert os.environ["XLA_FLAGS"] == "--mine=1"
+
+
+_CONV = """
+import sys, numpy as np
+from jaxdiff.cpu_tuning import tune_process
+tune_process()
+import jax, jax.numpy as jnp
+def conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+r = np.random.default_rng(0)
+x = jnp.asarray(r.standard_normal((2, 8, 8, 64), np.float32))
+k = jnp.asarray(r.standard_normal((3, 3, 64, 32), np.float32) * 0.05)
+y = conv(x, k)
+gx, gk = jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1))(x, k)
+np.savez(sys.argv[1], y=y, gx=gx, gk=gk)
+compiled = jax.jit(conv).lower(x, k).compile().as_text()
+import os; print(os.environ.get("XLA_FLAGS", ""), "| ynn:", "ynn" in compiled)
+"""
+
+
+@pytest.mark.skipif(not XLA_FLAGS_APPLY, reason="the flags are not set for this jaxlib")
+def test_cpu_xla_flags_are_accepted_and_keep_the_numbers(tmp_path):
+    """In a fresh process each (XLA reads its flags once), tuned and opted out."""
+    outs = {}
+    for opt_out in (None, "0"):
+        path = tmp_path / f"conv-{opt_out}.npz"
+        env = _env(JAX_PLATFORMS="cpu", **({cpu_tuning.OPT_OUT: opt_out} if opt_out else {}))
+        out = subprocess.run(
+            [sys.executable, "-c", _CONV, str(path)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        flags, _, ynn = out.stdout.strip().rpartition("| ")
+        assert (cpu_tuning.CPU_XLA_FLAGS in flags) == (opt_out is None)
+        # The convolution leaves YNNPACK only under the flag.
+        assert ynn == f"ynn: {opt_out is not None}"
+        outs[opt_out] = np.load(path)
+    for name in ("y", "gx", "gk"):
+        assert_close(outs[None][name], outs["0"][name], name)
+
+
+# ----------------------------------------------------------------------------- the effect
+
+
+@pytest.mark.slow
+@needs_huge_pages
+def test_huge_pages_take_the_page_faults_off_the_train_step(tmp_path):
+    """The effect itself, through `jaxdiff bench`: the tiny train step's page faults per call,
+    about 26,000 without the tunable (docs/benchmarks.md), a few hundred with it."""
+    faults = {}
+    for opt_out in (None, "0"):
+        report = tmp_path / f"bench-{opt_out}.json"
+        env = _env(**({cpu_tuning.OPT_OUT: opt_out} if opt_out else {}))
+        cmd = [sys.executable, "-m", "jaxdiff", "bench", "--rows", "tiny-train", "--no-compare"]
+        cmd += ["--runs", "3", "--warmup", "1", "--json", str(report)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        doc = json.loads(report.read_text())
+        tunables = doc["environment"]["GLIBC_TUNABLES"]
+        assert (tunables == "glibc.malloc.hugetlb=1") == (opt_out is None)
+        flags = doc["environment"]["XLA_FLAGS"]
+        assert (cpu_tuning.CPU_XLA_FLAGS in flags) == (opt_out is None and XLA_FLAGS_APPLY)
+        (record,) = doc["results"]
+        faults[opt_out] = record["page_faults"]
+    assert faults[None] * 10 < faults["0"]
