@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from importlib import metadata
 
 OPT_OUT = "JAXDIFF_CPU_TUNING"
+RESTARTED = "JAXDIFF_CPU_TUNING_RESTARTED"  # set in the restarted process: never a second restart
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -80,10 +81,11 @@ def tuned_environ(
     if not _enabled(environ) or glibc is None or glibc < MIN_GLIBC or thp != "madvise":
         return None
     current = environ.get("GLIBC_TUNABLES", "")
-    if any(item.split("=")[0] == TUNABLE for item in current.split(":")):
+    if RESTARTED in environ or any(item.split("=")[0] == TUNABLE for item in current.split(":")):
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+    env[RESTARTED] = "1"  # where glibc drops the variable (a setuid interpreter): no loop
     return env
 
 

@@ -31,7 +31,11 @@ XLA_FLAGS_APPLY = cpu_tuning.jaxlib_version() in cpu_tuning.XLA_FLAG_JAXLIB
 
 def test_tuned_environ_sets_the_tunable_where_it_applies():
     env = cpu_tuning.tuned_environ({"HOME": "/h"}, GLIBC, "madvise")
-    assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert env == {
+        "HOME": "/h",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+        cpu_tuning.RESTARTED: "1",
+    }
     # Other tunables are kept, the new one appended.
     env = cpu_tuning.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise")
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
@@ -44,6 +48,7 @@ def test_tuned_environ_sets_the_tunable_where_it_applies():
         ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise"),  # the user's choice
         ({"GLIBC_TUNABLES": "a.b=1:glibc.malloc.hugetlb=2"}, GLIBC, "madvise"),
         ({cpu_tuning.OPT_OUT: "0"}, GLIBC, "madvise"),  # opted out
+        ({cpu_tuning.RESTARTED: "1"}, GLIBC, "madvise"),  # restarted once already
         ({}, (2, 34), "madvise"),  # glibc without the tunable
         ({}, None, "madvise"),  # musl, macOS, Windows
         ({}, GLIBC, "always"),  # the kernel uses huge pages already
@@ -68,7 +73,13 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path):
 
 def _env(**extra):
     """This environment without any tuning of its own, plus `extra`."""
-    drop = ("GLIBC_TUNABLES", "XLA_FLAGS", "JAX_PLATFORMS", cpu_tuning.OPT_OUT)
+    drop = (
+        "GLIBC_TUNABLES",
+        "XLA_FLAGS",
+        "JAX_PLATFORMS",
+        cpu_tuning.OPT_OUT,
+        cpu_tuning.RESTARTED,
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, **extra}
 
