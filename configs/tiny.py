@@ -7,7 +7,8 @@ Run:
 
 Expected (measured on two shared CPU cores, session 5, with the `jaxdiff` command's CPU
 settings): 7-11 steps/s after a ~15 s compile; the loss falls from ~1.3 to ~0.4 within the first
-30 steps; `samples/` holds one-step denoising previews (inputs on top, predictions below) every 100 steps.
+30 steps; `samples/` holds one-step denoising previews (inputs on top, predictions below) every
+100 steps.
 """
 
 import common
