@@ -7,10 +7,10 @@ Run:
 
 The hyperparameters of diffusers' SD 1.5 example (examples/text_to_image README: learning rate
 1e-5, constant, gradient clipping at 1, an EMA of the weights, 15,000 updates of 4 images at
-512 px, center crop and random flip),
-in bfloat16 with float32 master weights, the UNet's blocks rematerialized and the latents cached
-once, as the benchmark's sd15-train row measures it (docs/benchmarks.md). batch_size is global:
-on several devices it must divide by their number (or set grad_accum).
+512 px, center crop and random flip), in bfloat16 with float32 master weights, the UNet's blocks
+rematerialized and the latents cached once, as the benchmark's sd15-train row measures it
+(docs/benchmarks.md). batch_size is global: on several devices it must divide by their number
+(or set grad_accum).
 """
 
 import common
