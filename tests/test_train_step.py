@@ -360,9 +360,9 @@ def test_unet_loss_and_gradients_as_diffusers(preset, tmp_path):
             [[64, 48, 0, 8, 32, 32], [32, 32, 0, 0, 32, 32], [40, 90, 4, 30, 32, 32]] * 2,
             np.float32,
         )[:b]
-    loss, grads = jax.value_and_grad(lambda p: _unet_loss(p, state.frozen, micro, setup)[0])(
-        state.params
-    )
+    loss, grads = jax.jit(
+        jax.value_and_grad(lambda p: _unet_loss(p, state.frozen, micro, setup)[0])
+    )(state.params)
 
     # The same weights in PyTorch, through a diffusers folder (the export path).
     params = {**run.base.params, **jax.device_get(state.params)}

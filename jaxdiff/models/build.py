@@ -63,9 +63,28 @@ def logical_axes(config):
     )
 
 
+# Compiler options for programs that run once, per platform. XLA's CPU backend spends most of an
+# init's compile in LLVM's optimizer (hundreds of random draws: 9.0 s for the tiny UNet's); level 1
+# halves that, and the values are bitwise the same (docs/benchmarks.md, session 6).
+ONE_SHOT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+
+
+def compile_one_shot(jitted, *args, platform: str | None = None):
+    """`jitted` lowered and compiled for `args`, with the platform's one-shot compiler options
+    (`ONE_SHOT_COMPILER_OPTIONS`): for initializers, which run once and compile many kernels.
+    Under a transformation (`jax.eval_shape`, an outer `jit`) `jitted` itself is returned, to
+    be traced into the caller's program."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+        return jitted
+    options = ONE_SHOT_COMPILER_OPTIONS.get(platform or jax.default_backend())
+    lowered = jitted.lower(*args)
+    return lowered.compile(compiler_options=options) if options else lowered.compile()
+
+
 def init_params(config, key, param_dtype=jnp.float32):
     """Random parameters (plain arrays) with the reference libraries' layouts and names."""
-    return nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(key))
+    init = jax.jit(_init_fn(config, param_dtype))
+    return nn.meta.unbox(compile_one_shot(init, key)(key))
 
 
 def random_params(config, seed: int = 0, param_dtype=np.float32):

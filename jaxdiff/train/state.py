@@ -24,7 +24,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import sharding as shd
-from jaxdiff.models.build import logical_axes, module_for, random_params
+from jaxdiff.models.build import compile_one_shot, logical_axes, module_for, random_params
 from jaxdiff.models.presets import PRESETS
 from jaxdiff.train.config import ConfigError, TrainConfig
 
@@ -373,7 +373,9 @@ def init_state(setup: TrainSetup, mesh: Mesh, key, pretrained: dict, frozen: dic
         lambda k, p: nn.meta.unbox(_init_boxed(setup, k, p)),
         out_shardings=shardings,
     )
-    part = init(key, pretrained)
+    part = compile_one_shot(init, key, pretrained, platform=mesh.devices.flat[0].platform)(
+        key, pretrained
+    )
     return assemble_state(part, jax.device_put(frozen, frozen_sh))
 
 
