@@ -1,33 +1,74 @@
 """JAX's persistent compilation cache in the user's cache folder.
 
-A second run of the same command (same model, batch, size, steps, sampler) loads the compiled
-program instead of compiling it again. The folder is $JAXDIFF_CACHE_DIR, else
-$XDG_CACHE_HOME/jaxdiff/xla (~/.cache/jaxdiff/xla); JAXDIFF_CACHE_DIR=off turns it off.
+A second run of the same command (same model, batch, size, steps, sampler; for training, the
+same config, so also a resume after a crash or preemption) loads the compiled programs instead
+of compiling them again. The folder is $JAXDIFF_CACHE_DIR, else $XDG_CACHE_HOME/jaxdiff/xla
+(~/.cache/jaxdiff/xla); JAXDIFF_CACHE_DIR=off turns it off.
+
+Entries go in a subfolder named after this machine's CPU (`host_tag`). A cached CPU program is
+native code for the CPU that compiled it, and JAX's cache key does not name the CPU's features:
+on a home folder shared by cluster nodes with different CPUs, a node would otherwise load a
+program built for another node's instruction set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import sys
 from pathlib import Path
 
 
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (Linux's /proc/cpuinfo), else what `platform` knows."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and line not in lines:
+                    lines.append(line)
+                if not line.strip() and lines:  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return "".join(lines) or platform.processor()
+
+
+def host_tag() -> str:
+    """The cache subfolder of this machine: architecture and a hash of its CPU's identity."""
+    digest = hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
+    return f"{platform.machine() or 'unknown'}-{digest}"
+
+
 def cache_dir() -> Path | None:
+    """The folder that holds this machine's entries, or None when the cache is off."""
     env = os.environ.get("JAXDIFF_CACHE_DIR")
     if env == "off":
         return None
     if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxdiff" / "xla"
+        base = Path(env)
+    else:
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = Path(home) / "jaxdiff" / "xla"
+    return base / host_tag()
 
 
 def enable() -> Path | None:
+    """Turns the cache on for this process (before its first compilation); returns its folder."""
     import jax
 
     path = cache_dir()
     if path is None:
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home: run, only without the cache
+        print(
+            f"jaxdiff: compilation cache off: cannot create {path}: {e.strerror}", file=sys.stderr
+        )
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Cache every program that took noticeable time to compile, whatever its size.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

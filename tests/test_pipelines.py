@@ -332,8 +332,12 @@ def test_cli_reuses_the_persistent_compilation_cache(tmp_path, model_dir):
     import subprocess
     import sys
 
-    cache = tmp_path / "cache"
-    env = dict(os.environ, JAXDIFF_CACHE_DIR=str(cache), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    from jaxdiff.compilation_cache import host_tag
+
+    env = dict(
+        os.environ, JAXDIFF_CACHE_DIR=str(tmp_path / "cache"), XLA_FLAGS="", JAX_PLATFORMS="cpu"
+    )
+    cache = tmp_path / "cache" / host_tag()  # the entries of this machine's CPU
     base = [
         sys.executable,
         "-m",

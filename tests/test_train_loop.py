@@ -200,10 +200,16 @@ def _env(tmp_path, devices=4):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    # The three runs compile the same step: share one compilation cache.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # The runs compile the same step: they share `jaxdiff train`'s own compilation cache.
+    env["JAXDIFF_CACHE_DIR"] = str(tmp_path / "jax-cache")
     return env
+
+
+def _cache_entries(tmp_path):
+    from jaxdiff.compilation_cache import host_tag
+
+    folder = tmp_path / "jax-cache" / host_tag()
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def _train_cmd(workdir, data, steps, extra=()):
@@ -250,17 +256,20 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_short_run_lowers_the_loss(uninterrupted):
-    _, _, workdir = uninterrupted
+    tmp, _, workdir = uninterrupted
     steps, losses = _losses(workdir)
     assert steps == list(range(1, STEPS + 1))
     assert losses[-3:].mean() < 0.7 * losses[:3].mean(), losses
     assert (workdir / "samples" / "step_000012.png").is_file()
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert Checkpointer(workdir / "checkpoints").all_steps() == [4, 8, 12]
+    # `jaxdiff train` keeps its compiled step in the persistent cache, in this machine's folder.
+    assert any(name.startswith("jit_train_step-") for name in _cache_entries(tmp)), tmp
 
 
 def test_kill_and_resume_follows_the_same_trajectory(uninterrupted):
     tmp, data, reference = uninterrupted
+    cached = _cache_entries(tmp)
     workdir = tmp / "killed"
     cmd = _train_cmd(workdir, data, STEPS)
     proc = subprocess.Popen(
@@ -286,6 +295,8 @@ def test_kill_and_resume_follows_the_same_trajectory(uninterrupted):
     ref_steps, ref_losses = _losses(reference)
     assert steps == ref_steps
     assert_close(losses, ref_losses, "losses after kill and resume")
+    # Both processes loaded the first run's compiled programs: nothing new was compiled to cache.
+    assert cached and _cache_entries(tmp) == cached
 
 
 def test_export_loads_in_diffusers(uninterrupted, tmp_path):

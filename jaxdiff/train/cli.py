@@ -32,6 +32,10 @@ def cmd_train(args) -> None:
     from jaxdiff.train.loop import maybe_initialize_distributed, train
 
     maybe_initialize_distributed()
+    # A second run of the same config, or a resume, loads the compiled step instead of compiling.
+    from jaxdiff import compilation_cache
+
+    compilation_cache.enable()
     try:
         result = train(cfg, args.workdir, progress=not args.no_progress)
     except (ConfigError, DataError) as e:

@@ -1,0 +1,67 @@
+"""The persistent compilation cache's folder (one per CPU) and one-shot compiler options.
+
+The commands that use the cache are tested end to end elsewhere: `jaxdiff generate` in
+test_pipelines.py, `jaxdiff train` (a resume compiles nothing new) in test_train_loop.py.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import compilation_cache
+from jaxdiff.models import build
+from jaxdiff.models.presets import PRESETS
+
+
+def test_each_cpu_has_its_own_cache_folder(monkeypatch, tmp_path):
+    real = compilation_cache.host_tag()
+    assert real == compilation_cache.host_tag()  # stable on one machine
+    tags = {}
+    for cpu in ("model name\t: A\nflags\t\t: sse2 avx2\n", "model name\t: A\nflags\t\t: sse2\n"):
+        monkeypatch.setattr(compilation_cache, "_cpu_identity", lambda cpu=cpu: cpu)
+        tags[cpu] = compilation_cache.host_tag()
+    assert len(set(tags.values())) == 2  # the same model with other features is another folder
+
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    assert compilation_cache.cache_dir() == tmp_path / "cache" / compilation_cache.host_tag()
+    monkeypatch.delenv("JAXDIFF_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compilation_cache.cache_dir().parent == tmp_path / "xdg" / "jaxdiff" / "xla"
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", "off")
+    assert compilation_cache.cache_dir() is None
+    assert compilation_cache.enable() is None
+
+
+def test_a_folder_that_cannot_be_created_turns_the_cache_off(monkeypatch, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", str(blocker / "cache"))
+    before = jax.config.jax_compilation_cache_dir
+    assert compilation_cache.enable() is None
+    assert jax.config.jax_compilation_cache_dir == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compilation cache off" in err[0] and str(blocker) in err[0]
+
+
+def test_one_shot_compile_gives_the_same_parameters(monkeypatch):
+    """Initializers compile with `ONE_SHOT_COMPILER_OPTIONS` on the CPU; the values are bitwise
+    those of a default compile."""
+    config = PRESETS["tiny"].components()["text_encoder"]
+    key = jax.random.key(7)
+    seen = []
+    compile_ = jax.stages.Lowered.compile
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("compiler_options"))
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    params = build.init_params(config, key)
+    assert seen == [build.ONE_SHOT_COMPILER_OPTIONS["cpu"]]
+    reference = jax.jit(build._init_fn(config, jnp.float32))(key)
+    reference = jax.tree_util.tree_leaves(nn.meta.unbox(reference))
+    leaves = jax.tree_util.tree_leaves(params)
+    assert len(leaves) == len(reference) > 10
+    for a, b in zip(leaves, reference, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
