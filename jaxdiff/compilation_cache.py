@@ -6,9 +6,9 @@ of compiling them again. The folder is $JAXDIFF_CACHE_DIR, else $XDG_CACHE_HOME/
 (~/.cache/jaxdiff/xla); JAXDIFF_CACHE_DIR=off turns it off.
 
 Entries go in a subfolder named after this machine's CPU (`host_tag`). A cached CPU program is
-native code for the CPU that compiled it, and JAX's cache key does not name the CPU's features:
-on a home folder shared by cluster nodes with different CPUs, a node would otherwise load a
-program built for another node's instruction set.
+native code for the CPU that compiled it, and JAX's cache key names the platform (`cpu`) but
+nothing that shows the CPU's features: on a home folder shared by cluster nodes with different
+CPUs, a node could otherwise load a program built for another node's instruction set.
 """
 
 from __future__ import annotations
