@@ -14,6 +14,7 @@ from jaxdiff.cli import main
 from jaxdiff.convert.diffusers import config_to_dict
 from jaxdiff.models.build import abstract_params, logical_axes, module_for, random_params
 from jaxdiff.models.clip_text import CLIPTextConfig
+from jaxdiff.models.config_io import ConfigError
 from jaxdiff.models.layers import count_params
 from jaxdiff.models.presets import PRESETS
 from jaxdiff.models.unet import UNetConfig
@@ -71,6 +72,33 @@ def test_config_round_trips_through_diffusers_json():
                 assert CLIPTextConfig.from_transformers(d) == config
             else:
                 assert type(config).from_diffusers(d) == config
+
+
+def test_text_config_asks_transformers_only_for_keys_it_does_not_know(monkeypatch):
+    """A config.json as transformers writes it (generic keys like `return_dict`) loads; one
+    with only CLIP's own keys loads without importing transformers' config module (which
+    imports torch); a misspelled key is still an error."""
+    from transformers import CLIPTextConfig as HFConfig
+
+    import jaxdiff.models.clip_text as clip_text
+
+    config = CLIPTextConfig.tiny()
+    written = HFConfig(**{k: v for k, v in config_to_dict(config).items() if k != "architectures"})
+    written = {**written.to_dict(), "architectures": ["CLIPTextModel"]}
+    assert "return_dict" in written  # a generic key, not one of CLIP's
+    assert CLIPTextConfig.from_transformers(written) == config
+
+    calls = []
+    generic = clip_text._generic_transformers_fields
+    monkeypatch.setattr(
+        clip_text, "_generic_transformers_fields", lambda: calls.append(1) or generic()
+    )
+    assert CLIPTextConfig.from_transformers(config_to_dict(config)) == config
+    assert calls == []
+    assert CLIPTextConfig.from_transformers(written) == config
+    assert calls == [1]
+    with pytest.raises(ConfigError, match="unknown config field 'hiden_size'"):
+        CLIPTextConfig.from_transformers({**config_to_dict(config), "hiden_size": 32})
 
 
 KNOWN_AXES = {None, "embed", "heads", "mlp", "conv_in", "conv_out", "norm", "vocab"}

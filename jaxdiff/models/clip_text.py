@@ -56,9 +56,13 @@ class CLIPTextConfig:
                 f"text encoder config: unsupported architecture {archs[0]!r}"
             )
         raw["with_projection"] = archs[0] == "CLIPTextModelWithProjection"
-        return config_io.from_dict(
-            cls, raw, what="text encoder config", ignored=_generic_transformers_fields()
-        )
+        ignored = _CLIP_BOOKKEEPING_FIELDS
+        names = {f.name for f in dataclasses.fields(cls)}
+        if any(k not in names and k not in ignored and not k.startswith("_") for k in raw):
+            # Only then ask transformers for its generic keys: importing its config module
+            # imports torch where installed (0.9 s of every `jaxdiff generate` on this machine).
+            ignored = _generic_transformers_fields()
+        return config_io.from_dict(cls, raw, what="text encoder config", ignored=ignored)
 
     def to_transformers(self) -> dict:
         out = dataclasses.asdict(self)
@@ -110,29 +114,33 @@ class CLIPTextConfig:
         )
 
 
+# Keys of a CLIP text config.json that do not change the computation: bookkeeping, and CLIP's
+# fields that only matter for training or initialization.
+_CLIP_BOOKKEEPING_FIELDS = frozenset(
+    {
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "attention_dropout",
+        "dropout",
+        "initializer_range",
+        "initializer_factor",
+        "output_attentions",
+        "output_hidden_states",
+    }
+)
+
+
 def _generic_transformers_fields() -> frozenset[str]:
-    """Keys every transformers config.json carries whatever the model (dtype, ids, labels...)."""
+    """`_CLIP_BOOKKEEPING_FIELDS` and the keys every transformers config.json carries whatever
+    the model (ids, labels, return_dict...), as this transformers version writes them."""
     try:
         from transformers import PretrainedConfig
 
         generic = set(PretrainedConfig().to_dict())
     except Exception:  # transformers is only needed for this list and for tokenizers
         generic = set()
-    # Plus CLIP's own fields that only matter for training or initialization.
-    return frozenset(
-        generic
-        | {
-            "transformers_version",
-            "torch_dtype",
-            "dtype",
-            "attention_dropout",
-            "dropout",
-            "initializer_range",
-            "initializer_factor",
-            "output_attentions",
-            "output_hidden_states",
-        }
-    )
+    return frozenset(generic | _CLIP_BOOKKEEPING_FIELDS)
 
 
 # ----------------------------------------------------------------------------- modules
