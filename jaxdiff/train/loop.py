@@ -104,7 +104,14 @@ def prepare(cfg: TrainConfig, mesh: Mesh | None = None) -> Run:
 
 def fresh_state(run: Run) -> st.TrainState:
     key = jax.random.fold_in(jax.random.key(run.cfg.seed), 1 << 30)  # not a step's key
-    return st.init_state(run.setup, run.mesh, key, run.pretrained, run.frozen)
+    return st.init_state(
+        run.setup,
+        run.mesh,
+        key,
+        run.pretrained,
+        run.frozen,
+        shardings=(run.abstract, run.shardings, run.frozen_shardings),
+    )
 
 
 # ----------------------------------------------------------------------------- batches

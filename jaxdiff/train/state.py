@@ -360,9 +360,14 @@ def state_shardings(setup: TrainSetup, mesh: Mesh, pretrained: dict, frozen: dic
     return abstract, shardings, frozen_shardings(setup, frozen, mesh)
 
 
-def init_state(setup: TrainSetup, mesh: Mesh, key, pretrained: dict, frozen: dict) -> TrainState:
-    """A fresh TrainState, every array created on its devices by one jitted init."""
-    _, shardings, frozen_sh = state_shardings(setup, mesh, pretrained, frozen)
+def init_state(
+    setup: TrainSetup, mesh: Mesh, key, pretrained: dict, frozen: dict, *, shardings=None
+) -> TrainState:
+    """A fresh TrainState, every array created on its devices by one jitted init.
+
+    shardings: what `state_shardings` returns for these arguments, when the caller has it
+    (tracing the model for it again costs a second on the CPU)."""
+    _, shardings, frozen_sh = shardings or state_shardings(setup, mesh, pretrained, frozen)
     # Pretrained weights go host -> their shards directly, never whole onto one device.
     pretrained_sh = {
         name: shardings["params"][name] for name in pretrained if pretrained[name] is not None
