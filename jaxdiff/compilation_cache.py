@@ -27,7 +27,7 @@ def _cpu_identity() -> str:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part") and line not in lines:
+                if key in ("model name", "flags", "Features", "CPU part"):
                     lines.append(line)
                 if not line.strip() and lines:  # the first processor's block is enough
                     break
@@ -42,12 +42,17 @@ def host_tag() -> str:
     return f"{platform.machine() or 'unknown'}-{digest}"
 
 
-def cache_dir() -> Path | None:
-    """The folder that holds this machine's entries, or None when the cache is off."""
+def cache_dir(base: str | os.PathLike | None = None) -> Path | None:
+    """The folder that holds this machine's entries, or None when the cache is off.
+
+    base: the cache's folder (`jaxdiff bench --cache DIR`); default $JAXDIFF_CACHE_DIR, else the
+    user's cache folder."""
     env = os.environ.get("JAXDIFF_CACHE_DIR")
-    if env == "off":
+    if base is not None:
+        base = Path(base)
+    elif env == "off":
         return None
-    if env:
+    elif env:
         base = Path(env)
     else:
         home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -55,11 +60,12 @@ def cache_dir() -> Path | None:
     return base / host_tag()
 
 
-def enable() -> Path | None:
-    """Turns the cache on for this process (before its first compilation); returns its folder."""
+def enable(base: str | os.PathLike | None = None) -> Path | None:
+    """Turns the cache on for this process (before its first compilation); returns its folder.
+    `base` as for `cache_dir`."""
     import jax
 
-    path = cache_dir()
+    path = cache_dir(base)
     if path is None:
         return None
     try:

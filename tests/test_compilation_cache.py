@@ -30,6 +30,10 @@ def test_each_cpu_has_its_own_cache_folder(monkeypatch, tmp_path):
     assert compilation_cache.cache_dir().parent == tmp_path / "xdg" / "jaxdiff" / "xla"
     monkeypatch.setenv("JAXDIFF_CACHE_DIR", "off")
     assert compilation_cache.cache_dir() is None
+    # An explicit folder (`jaxdiff bench --cache DIR`) gets the same per-CPU subfolder.
+    assert (
+        compilation_cache.cache_dir(tmp_path / "b") == tmp_path / "b" / compilation_cache.host_tag()
+    )
     assert compilation_cache.enable() is None
 
 

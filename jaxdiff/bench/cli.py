@@ -88,9 +88,10 @@ def main(args: argparse.Namespace) -> dict | None:
     raise_memory_fraction(select_rows(args.rows, args.device_rows or "gpu"))
     import jax
 
-    if args.cache:
-        jax.config.update("jax_compilation_cache_dir", args.cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if args.cache:  # the commands' own cache settings, so compile_s is what a user's run sees
+        from jaxdiff import compilation_cache
+
+        compilation_cache.enable(args.cache)
     device_rows = args.device_rows or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     rows = select_rows(args.rows, device_rows)
     compare = args.compare if args.compare is not None else device_rows == "cpu"
