@@ -56,13 +56,15 @@ class CLIPTextConfig:
                 f"text encoder config: unsupported architecture {archs[0]!r}"
             )
         raw["with_projection"] = archs[0] == "CLIPTextModelWithProjection"
-        ignored = _CLIP_BOOKKEEPING_FIELDS
-        names = {f.name for f in dataclasses.fields(cls)}
-        if any(k not in names and k not in ignored and not k.startswith("_") for k in raw):
-            # Only then ask transformers for its generic keys: importing its config module
-            # imports torch where installed (0.9 s of every `jaxdiff generate` on this machine).
-            ignored = _generic_transformers_fields()
-        return config_io.from_dict(cls, raw, what="text encoder config", ignored=ignored)
+        # transformers' generic keys only for a key jaxdiff does not know: importing its config
+        # module imports torch where installed (0.9 s of every `jaxdiff generate` here).
+        return config_io.from_dict(
+            cls,
+            raw,
+            what="text encoder config",
+            ignored=_CLIP_BOOKKEEPING_FIELDS,
+            more_ignored=_generic_transformers_fields,
+        )
 
     def to_transformers(self) -> dict:
         out = dataclasses.asdict(self)
@@ -132,15 +134,14 @@ _CLIP_BOOKKEEPING_FIELDS = frozenset(
 
 
 def _generic_transformers_fields() -> frozenset[str]:
-    """`_CLIP_BOOKKEEPING_FIELDS` and the keys every transformers config.json carries whatever
-    the model (ids, labels, return_dict...), as this transformers version writes them."""
+    """The keys every transformers config.json carries whatever the model (ids, labels,
+    return_dict...), as this transformers version writes them."""
     try:
         from transformers import PretrainedConfig
 
-        generic = set(PretrainedConfig().to_dict())
+        return frozenset(PretrainedConfig().to_dict())
     except Exception:  # transformers is only needed for this list and for tokenizers
-        generic = set()
-    return frozenset(generic | _CLIP_BOOKKEEPING_FIELDS)
+        return frozenset()
 
 
 # ----------------------------------------------------------------------------- modules

@@ -8,6 +8,7 @@ silently misread config would give wrong images, not an error.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 
@@ -34,11 +35,14 @@ def from_dict(
     what: str,
     fixed: dict[str, Any] | None = None,
     ignored: frozenset[str] = frozenset(),
+    more_ignored: Callable[[], frozenset[str]] | None = None,
 ):
     """Build dataclass `cls` from a config dict.
 
     fixed: fields the reference classes have but jaxdiff supports only at one value (their default).
     ignored: fields that do not change the computation (bookkeeping, training-only settings).
+    more_ignored: further such fields, asked for only when a key is none of the above (the
+    answer may cost an import).
     Keys starting with '_' (`_class_name`, `_diffusers_version`, ...) are bookkeeping.
     """
     fixed = fixed or {}
@@ -47,6 +51,11 @@ def from_dict(
     for key, value in raw.items():
         if key.startswith("_") or key in ignored:
             continue
+        if key not in names and key not in fixed and more_ignored is not None:
+            ignored = ignored | more_ignored()
+            more_ignored = None
+            if key in ignored:
+                continue
         if key in fixed:
             if _freeze(value) != _freeze(fixed[key]):
                 raise ConfigError(
