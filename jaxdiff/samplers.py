@@ -1068,6 +1068,43 @@ def step_inputs(plan: SamplingPlan, index: int) -> dict[str, Array]:
     return c
 
 
+def _check_randomness(spec, plan: SamplingPlan, key, noise, eta) -> None:
+    if plan.sampler != "ddim" and not (isinstance(eta, (int, float)) and eta == 0.0):
+        raise ValueError("eta is an option of the ddim sampler only")
+    needs_key = spec.noise_per_step > 0 and (
+        plan.sampler != "ddim" or not (isinstance(eta, (int, float)) and eta == 0.0)
+    )
+    if needs_key and key is None and noise is None:
+        raise ValueError(f"sampler {plan.sampler!r} is stochastic: pass a PRNG key (or noise)")
+
+
+def _step_body(model_fn, plan: SamplingPlan, model_dtype, key, noise, eta, post_step):
+    """`(carry, step index) -> carry`: one step of the plan, its coefficients and noise looked
+    up by the index (a traced scalar)."""
+    spec = get_sampler(plan.sampler)
+    _check_randomness(spec, plan, key, noise, eta)
+    ctx = make_context(model_fn, plan, model_dtype, eta)
+    if noise is not None:
+        noise = jnp.asarray(noise, jnp.float32)
+
+    def body(carry: SamplerCarry, index) -> SamplerCarry:
+        shape = carry.latents.shape
+        if spec.noise_per_step == 0:
+            step_noise_ = None
+        elif noise is not None:
+            step_noise_ = noise[index] if noise.ndim == len(shape) + 2 else noise[index][None]
+        elif key is None:  # ddim with eta == 0
+            step_noise_ = jnp.zeros((spec.noise_per_step,) + shape, jnp.float32)
+        else:
+            step_noise_ = step_noise(key, index, spec.noise_per_step, shape)
+        carry = spec.step(ctx, carry, step_inputs(plan, index), step_noise_)
+        if post_step is not None:
+            carry = carry._replace(latents=post_step(carry.latents, index))
+        return carry
+
+    return body
+
+
 def sample(
     model_fn: Callable[[Array, Array], Array],
     x_T: Array,
@@ -1092,35 +1129,36 @@ def sample(
     Returns x_0 in x_T's dtype, and with return_intermediates also the latents after every
     step, [S, B, ...] float32.
     """
-    spec = get_sampler(plan.sampler)
-    if plan.sampler != "ddim" and not (isinstance(eta, (int, float)) and eta == 0.0):
-        raise ValueError("eta is an option of the ddim sampler only")
-    needs_key = spec.noise_per_step > 0 and (
-        plan.sampler != "ddim" or not (isinstance(eta, (int, float)) and eta == 0.0)
-    )
-    if needs_key and key is None and noise is None:
-        raise ValueError(f"sampler {plan.sampler!r} is stochastic: pass a PRNG key (or noise)")
-    ctx = make_context(model_fn, plan, x_T.dtype, eta)
-    shape = x_T.shape
-    xs = {"c": {**plan.coeffs, "t": plan.timesteps}, "index": jnp.arange(plan.num_steps)}
-    if noise is not None:
-        noise = jnp.asarray(noise, jnp.float32)
-        xs["noise"] = noise if noise.ndim == len(shape) + 2 else noise[:, None]
+    body = _step_body(model_fn, plan, x_T.dtype, key, noise, eta, post_step)
 
-    def body(carry, inputs):
-        if spec.noise_per_step == 0:
-            step_noise_ = None
-        elif "noise" in inputs:
-            step_noise_ = inputs["noise"]
-        elif key is None:  # ddim with eta == 0
-            step_noise_ = jnp.zeros((spec.noise_per_step,) + shape, jnp.float32)
-        else:
-            step_noise_ = step_noise(key, inputs["index"], spec.noise_per_step, shape)
-        carry = spec.step(ctx, carry, inputs["c"], step_noise_)
-        if post_step is not None:
-            carry = carry._replace(latents=post_step(carry.latents, inputs["index"]))
+    def scan_body(carry, index):
+        carry = body(carry, index)
         return carry, (carry.latents if return_intermediates else None)
 
-    carry, intermediates = jax.lax.scan(body, init_carry(plan, x_T), xs)
+    carry, intermediates = jax.lax.scan(
+        scan_body, init_carry(plan, x_T), jnp.arange(plan.num_steps)
+    )
     x0 = carry.latents.astype(x_T.dtype)
     return (x0, intermediates) if return_intermediates else x0
+
+
+def run_steps(
+    model_fn: Callable[[Array, Array], Array],
+    carry: SamplerCarry,
+    plan: SamplingPlan,
+    start: Array,
+    stop: Array,
+    key: Array | None = None,
+    *,
+    model_dtype=jnp.float32,
+    noise: Array | None = None,
+    eta: float | Array = 0.0,
+    post_step: Callable[[Array, Array], Array] | None = None,
+) -> SamplerCarry:
+    """Steps `start` to `stop - 1` of the plan from `carry` (`init_carry(plan, x_T)` at step 0);
+    arguments as `sample`'s. `start` and `stop` may be traced: one compiled program runs any
+    range of steps, so a host loop can run a plan a few steps per call and report progress in
+    between (`sample` is the same steps in one scan). Returns the carry after step `stop - 1`.
+    """
+    body = _step_body(model_fn, plan, model_dtype, key, noise, eta, post_step)
+    return jax.lax.fori_loop(start, stop, lambda i, c: body(c, i), carry)

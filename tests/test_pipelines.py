@@ -186,6 +186,48 @@ def test_interpolation_first_frame_is_the_plain_image(pipe):
     assert np.abs(frames.images[2] - plain.images[0]).max() > 1e-3
 
 
+PROGRESS_CASES = {
+    "text2img, guidance": lambda pipe, kw: pipe.generate("a red circle", seed=4, batch=3, **kw),
+    "multistep history and per-step noise": lambda pipe, kw: pipe.generate(
+        "a cat", negative_prompt="dark", seed=1, **{**kw, "sampler": "dpmpp_2m_sde"}
+    ),
+    "inpainting, known region put back": lambda pipe, kw: pipe.inpaint(
+        "x", _RNG_IMAGE, _MASK, seed=3, **kw
+    ),
+    "img2img without a step": lambda pipe, kw: pipe.img2img(
+        "x", _RNG_IMAGE, strength=0.2, seed=3, **kw
+    ),
+}
+_RNG_IMAGE = np.random.default_rng(4).uniform(0, 1, (32, 32, 3)).astype(np.float32)
+_MASK = np.zeros((32, 32, 1), np.float32)
+_MASK[8:24, 8:24] = 1.0
+
+
+@pytest.mark.parametrize("case", list(PROGRESS_CASES))
+def test_progress_bar_runs_the_same_computation_one_step_per_call(pipe, monkeypatch, case):
+    """With a progress bar, generation runs as three programs (begin, one call per sampler step,
+    finish) that can enter the persistent compilation cache; the images are the one program's
+    (up to the rounding of operations XLA fuses across the programs' boundaries), and the bar
+    counts every step once."""
+    import contextlib
+
+    from jaxdiff.pipelines import progress
+
+    counts = []
+
+    @contextlib.contextmanager
+    def counting_bar(*, total, desc="denoising"):
+        counts.append([total, 0])
+        yield lambda: counts[-1].__setitem__(1, counts[-1][1] + 1)
+
+    monkeypatch.setattr(progress, "bar", counting_bar)
+    one_program = PROGRESS_CASES[case](pipe, KW).images
+    step_by_step = PROGRESS_CASES[case](pipe, {**KW, "progress": True}).images
+    assert_close(step_by_step, one_program, f"{case}: step by step vs one program")
+    ran_steps = case != "img2img without a step"
+    assert counts == ([[KW["steps"], KW["steps"]]] if ran_steps else [])
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -328,6 +370,7 @@ def test_model_index_flags_are_kept(model_dir):
 
 
 def test_cli_reuses_the_persistent_compilation_cache(tmp_path, model_dir):
+    """With the progress bar (the default) and without: a second run compiles nothing."""
     import os
     import subprocess
     import sys
@@ -350,18 +393,22 @@ def test_cli_reuses_the_persistent_compilation_cache(tmp_path, model_dir):
         "2",
         "--sampler",
         "euler",
-        "--no-progress",
     ]
-    subprocess.run(
-        [*base, "--out", str(tmp_path / "a.png")], env=env, check=True, capture_output=True
+
+    def run(*extra):
+        subprocess.run([*base, *extra], env=env, check=True, capture_output=True)
+        return sorted(p.name for p in cache.iterdir())
+
+    def programs(names):
+        return {name.split("-")[0] for name in names}
+
+    first = run("--out", str(tmp_path / "a.png"))
+    assert {"jit_denoise_begin", "jit_denoise_steps", "jit_denoise_finish"} <= programs(first), (
+        first
     )
-    first = sorted(p.name for p in cache.iterdir())
-    assert any("denoise" in name for name in first), first
     # The same command again with another seed: served from the cache, nothing new.
-    subprocess.run(
-        [*base, "--seed", "5", "--out", str(tmp_path / "b.png")],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    assert sorted(p.name for p in cache.iterdir()) == first
+    assert run("--seed", "5", "--out", str(tmp_path / "b.png")) == first
+    # Without the progress bar, generation is one program; it is cached as well.
+    second = run("--no-progress", "--out", str(tmp_path / "c.png"))
+    assert programs(second) - programs(first) == {"jit_denoise"}, second
+    assert run("--no-progress", "--seed", "5", "--out", str(tmp_path / "d.png")) == second

@@ -399,6 +399,25 @@ def test_scan_equals_python_loop_over_the_step_function(sampler):
     np.testing.assert_array_equal(np.asarray(carry.latents), np.asarray(expected))
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "plms", "heun"])
+def test_run_steps_in_chunks_is_the_scan_with_one_program(sampler):
+    """Chunks of steps from a host loop (multistep history, a PLMS anchor, two model calls per
+    step, per-step keys) continue exactly where the previous chunk stopped, through one
+    compiled program whatever the range."""
+    plan = samplers.make_plan(config_for(sampler, "epsilon"), sampler, 7)
+    key = jax.random.key(3)
+    x_T = samplers.init_noise_sigma(plan) * jax.random.normal(jax.random.key(0), SHAPE)
+    expected = samplers.sample(jax_model, x_T, plan, key=key)
+    chunk = jax.jit(lambda carry, a, b: samplers.run_steps(jax_model, carry, plan, a, b, key=key))
+    carry = samplers.init_carry(plan, x_T)
+    n = plan.num_steps  # PLMS: one more than asked for (the second-order start)
+    for a, b in [(0, 1), (1, 4), (4, 5), (5, n)]:
+        carry = chunk(carry, np.int32(a), np.int32(b))
+    assert chunk._cache_size() == 1
+    assert_close(carry.latents, expected, f"{sampler}: chunks vs one scan")
+    assert np.abs(np.asarray(carry.latents - x_T)).max() > 0.1  # the steps did move the latents
+
+
 def test_traced_once_across_seeds_guidance_and_conditioning():
     traces = []
 

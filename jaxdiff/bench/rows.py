@@ -5,6 +5,7 @@ Each row measures with `jaxdiff.bench.harness` and returns its `Result`s; `ROWS`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -216,35 +217,57 @@ def text_encode(ctx: Context, preset: str, component: str, batch: int, dtype_nam
     return results
 
 
-def text_to_image(ctx: Context, preset: str, batch: int, steps: int, dtype_name: str, row: str):
-    """The whole text-to-image call: tokenize, encode, `steps` Euler steps with CFG, decode."""
+def text_to_image(
+    ctx: Context,
+    preset: str,
+    batch: int,
+    steps: int,
+    dtype_name: str,
+    row: str,
+    step_by_step: bool = False,
+):
+    """The whole text-to-image call: tokenize, encode, `steps` Euler steps with CFG, decode.
+
+    step_by_step: also time the path of `jaxdiff generate`'s progress bar, one call per sampler
+    step (the bar's drawing left out, as the peer's is)."""
     from jaxdiff.convert.diffusers import random_pipeline
-    from jaxdiff.pipelines import StableDiffusion
+    from jaxdiff.pipelines import StableDiffusion, progress
 
     weights = random_pipeline(preset, seed=0)
     pipe = StableDiffusion(weights, dtype=dtype_name)
     prompt = "a photograph of an astronaut riding a horse"
     px = pipe.native_size
-
-    def run():
-        return pipe.generate(prompt, steps=steps, batch=batch, sampler="euler", progress=False)
-
     case = f"{preset} text-to-image b{batch} {px}x{px} {steps} euler steps cfg {dtype_name}"
-    start = time.perf_counter()
-    run()
-    first_s = time.perf_counter() - start
-    timing = time_calls(run, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0))
-    results = [
-        Result.from_timing(
+
+    def measure(impl, with_progress):
+        def run():
+            return pipe.generate(
+                prompt, steps=steps, batch=batch, sampler="euler", progress=with_progress
+            )
+
+        start = time.perf_counter()
+        run()
+        first_s = time.perf_counter() - start
+        timing = time_calls(run, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0))
+        return Result.from_timing(
             row,
             case,
-            "jaxdiff",
+            impl,
             timing,
             compile_s=first_s - timing.median_ms / 1e3,
             items=batch,
             note="compile_s: first call less the median; host to host, PNG not written",
         )
-    ]
+
+    results = [measure("jaxdiff", False)]
+    if step_by_step:
+
+        @contextlib.contextmanager
+        def silent(**_):
+            yield lambda: None
+
+        with _patched(progress, "bar", silent):
+            results.append(measure("jaxdiff, one call per step", True))
     if ctx.compare and _have_peer():
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -263,6 +286,16 @@ def text_to_image(ctx: Context, preset: str, batch: int, steps: int, dtype_name:
 
         results.append(measure_torch(ctx, peer, row=row, case=case, impl="diffusers", items=batch))
     return results
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 def _torch_pipeline(ctx, weights, scheduler_cls, pipeline_cls):
@@ -567,7 +600,7 @@ def _rows() -> dict[str, Row]:
                 "tiny-txt2img",
                 "cpu",
                 "tiny preset text-to-image, 25 Euler steps, b1",
-                lambda c, r: text_to_image(c, "tiny", 1, 25, "float32", r),
+                lambda c, r: text_to_image(c, "tiny", 1, 25, "float32", r, step_by_step=True),
             ),
             row(
                 "sd15-unet",

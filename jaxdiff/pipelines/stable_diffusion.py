@@ -4,7 +4,10 @@
 from its own seed, runs the sampler's `lax.scan` with classifier-free guidance around the UNet,
 and decodes with the VAE. Everything that varies between calls without changing shapes (seeds,
 guidance scale, prompts, images, strength's noise) is an array argument, so only the batch, the
-size, the step count and the sampler recompile. The host-side `StableDiffusion` object tokenizes,
+size, the step count and the sampler recompile. With a progress bar, the same computation runs
+as three programs instead (`denoise_begin`, `denoise_steps` called once per sampler step,
+`denoise_finish`), so that the bar advances between steps without a host callback inside a
+program (jax never caches a program with one). The host-side `StableDiffusion` object tokenizes,
 validates, places the batch on every device (`jax.sharding`) and turns arrays into files.
 
 Image i of a batch depends only on its seed, `seed + i` (A1111's convention), never on the batch
@@ -73,7 +76,6 @@ class Static:
     from_noise: bool = True  # start from pure noise (text2img, inpainting at strength 1)
     run_sampler: bool = True  # False when img2img's strength leaves no step (strength 0)
     decode: bool = True  # False returns latents (an SDXL base stage before the refiner)
-    progress: bool = False  # a host callback after every sampler step, for the progress bar
 
     @property
     def sdxl(self) -> bool:
@@ -115,14 +117,8 @@ def _encode_images(params, static: Static, images, keys):
     return scale_latents(static.vae, latents)
 
 
-def _progress_tick():
-    from jaxdiff.pipelines import progress
-
-    progress.tick()
-
-
-def denoise(params, inputs: dict, plan, static: Static):
-    """The whole generation as one pure function; see the module docstring.
+def denoise_begin(params, inputs: dict, plan, static: Static):
+    """Everything before the first sampler step: (the sampler's carry, what the steps read).
 
     inputs (B = batch):
         seeds [B] uint32; ids [B, T] and ids_2 (SDXL) int32, or context [B, T, D] / pooled [B, P]
@@ -131,10 +127,7 @@ def denoise(params, inputs: dict, plan, static: Static):
         eta scalars; latents [B, h, w, C] optional initial noise (N(0, I), before the schedule's
         scaling); image [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1] in {0, 1},
         1 = repaint (inpaint).
-    Returns images [B, H, W, 3] float32 in [0, 1], or latents with `static.decode` False.
     """
-    dtype = jnp.dtype(static.dtype)
-    unet = module_for(static.unet, dtype=dtype)
     init_keys, enc_keys, step_keys = _image_keys(inputs["seeds"])
 
     if "context" in inputs:
@@ -180,6 +173,40 @@ def denoise(params, inputs: dict, plan, static: Static):
                 )
         image_latents = _encode_images(params, static, image, enc_keys)
 
+    if not static.run_sampler:
+        x_T = image_latents
+    elif static.mode == "refine":  # an SDXL refiner stage continues the base's latents as they are
+        x_T = inputs["init_latents"].astype(jnp.float32)
+    elif static.from_noise:
+        x_T = samplers.init_noise_sigma(plan) * noise
+    else:
+        x_T = samplers.img2img_latents(plan, image_latents, noise)
+    cond = dict(
+        ctx=ctx,
+        pooled=pooled,
+        time_ids=time_ids,
+        guidance=inputs["guidance"],
+        guidance_rescale=inputs["guidance_rescale"],
+        eta=inputs["eta"],
+        step_keys=step_keys,
+        noise=noise,
+        image_latents=image_latents,
+        mask_latents=mask_latents,
+        masked_image_latents=masked_image_latents,
+    )
+    return samplers.init_carry(plan, x_T), cond
+
+
+def denoise_steps(params, cond: dict, carry, plan, static: Static, start, stop):
+    """Sampler steps `start` to `stop - 1` with classifier-free guidance around the UNet.
+
+    `start` and `stop` may be traced (one program for any range of steps: the chunks of a host
+    loop that shows progress) or Python ints (one `lax.scan`)."""
+    dtype = jnp.dtype(static.dtype)
+    unet = module_for(static.unet, dtype=dtype)
+    ctx, pooled, time_ids = cond["ctx"], cond["pooled"], cond["time_ids"]
+    mask_latents, masked_image_latents = cond["mask_latents"], cond["masked_image_latents"]
+
     def model_fn(x, t):  # x: [B, h, w, C] scaled as diffusers feeds its UNet
         if masked_image_latents is not None:  # 9-channel inpainting UNet
             x = jnp.concatenate(
@@ -193,48 +220,45 @@ def denoise(params, inputs: dict, plan, static: Static):
         out = unet.apply({"params": params["unet"]}, x, t, ctx, **extra).astype(jnp.float32)
         if not static.guidance:
             return out
-        uncond, cond = jnp.split(out, 2)
-        guided = uncond + inputs["guidance"] * (cond - uncond)
+        uncond, cond_out = jnp.split(out, 2)
+        guided = uncond + cond["guidance"] * (cond_out - uncond)
         # Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 16.
         axes = tuple(range(1, guided.ndim))
-        std_cond = jnp.std(cond, axis=axes, keepdims=True)
+        std_cond = jnp.std(cond_out, axis=axes, keepdims=True)
         std_guided = jnp.std(guided, axis=axes, keepdims=True)
         rescaled = guided * (std_cond / std_guided)
-        r = inputs["guidance_rescale"]
+        r = cond["guidance_rescale"]
         return r * rescaled + (1.0 - r) * guided
 
-    if static.mode == "refine":  # an SDXL refiner stage continues the base's latents as they are
-        x_T = inputs["init_latents"].astype(jnp.float32)
-    elif static.from_noise:
-        x_T = samplers.init_noise_sigma(plan) * noise
-    else:
-        x_T = samplers.img2img_latents(plan, image_latents, noise)
-
-    if not static.run_sampler:
-        latents = image_latents
-    else:
-        blend = static.mode == "inpaint" and static.unet.in_channels != 9
+    post_step = None
+    if static.mode == "inpaint" and static.unet.in_channels != 9:
 
         def post_step(x, index):
-            if blend:
-                # Ordinary UNets inpaint by putting the known region back, re-noised to the
-                # next step's level, after every step (diffusers' StableDiffusionInpaintPipeline).
-                known = samplers.renoise(plan, index, image_latents, noise)
-                x = (1.0 - mask_latents) * known + mask_latents * x
-            if static.progress:
-                jax.debug.callback(_progress_tick)
-            return x
+            # Ordinary UNets inpaint by putting the known region back, re-noised to the next
+            # step's level, after every step (diffusers' StableDiffusionInpaintPipeline).
+            known = samplers.renoise(plan, index, cond["image_latents"], cond["noise"])
+            return (1.0 - mask_latents) * known + mask_latents * x
 
-        latents = samplers.sample(
-            model_fn,
-            x_T,
-            plan,
-            key=step_keys,
-            eta=inputs["eta"] if plan.sampler == "ddim" else 0.0,
-            post_step=post_step if (blend or static.progress) else None,
-        )
+    return samplers.run_steps(
+        model_fn,
+        carry,
+        plan,
+        start,
+        stop,
+        key=cond["step_keys"],
+        model_dtype=jnp.float32,
+        eta=cond["eta"] if plan.sampler == "ddim" else 0.0,
+        post_step=post_step,
+    )
+
+
+def denoise_finish(params, carry, static: Static):
+    """The latents after the last step -> images [B, H, W, 3] float32 in [0, 1], or the latents
+    themselves with `static.decode` False."""
+    latents = carry.latents
     if not static.decode:
         return latents
+    dtype = jnp.dtype(static.dtype)
     vae = module_for(static.vae, dtype=dtype)
     images = vae.apply(
         {"params": params["vae"]}, unscale_latents(static.vae, latents), method=vae.decode
@@ -242,7 +266,23 @@ def denoise(params, inputs: dict, plan, static: Static):
     return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
 
 
+def denoise(params, inputs: dict, plan, static: Static):
+    """The whole generation as one pure function (`denoise_begin`, every step in one
+    `lax.scan`, `denoise_finish`); see the module docstring, and `denoise_begin` for `inputs`.
+    Returns images [B, H, W, 3] float32 in [0, 1], or latents with `static.decode` False."""
+    carry, cond = denoise_begin(params, inputs, plan, static)
+    if static.run_sampler:
+        carry = denoise_steps(params, cond, carry, plan, static, 0, plan.num_steps)
+    return denoise_finish(params, carry, static)
+
+
 _denoise_jit = jax.jit(denoise, static_argnames=("static",))
+# The same computation as three programs for a host loop that shows progress between steps. A
+# program with a host callback inside (jax.debug.callback) never enters jax's persistent
+# compilation cache: it would be compiled again on every run.
+_begin_jit = jax.jit(denoise_begin, static_argnames=("static",))
+_steps_jit = jax.jit(denoise_steps, static_argnames=("static",))
+_finish_jit = jax.jit(denoise_finish, static_argnames=("static",))
 _encode_jit = jax.jit(encode_prompts, static_argnums=(1,))
 
 
@@ -648,7 +688,6 @@ class StableDiffusion:
             from_noise=mode == "text2img" or (mode == "inpaint" and strength >= 1.0),
             run_sampler=run_sampler,
             decode=output == "images",
-            progress=progress,
         )
         if lower_only:
             return self._call(inputs, plan, static, b, progress, lower_only=True)
@@ -702,12 +741,34 @@ class StableDiffusion:
         plan = jax.device_put(plan, everywhere)
         if lower_only:
             return _denoise_jit.lower(self.params, args, plan, static)
-        from jaxdiff.pipelines import progress as progress_bar
-
-        with progress_bar.bar(enabled=progress, devices=n, total=plan.num_steps):
+        if progress:
+            out = self._run_with_progress(args, plan, static)
+        else:
             out = _denoise_jit(self.params, args, plan, static)
-            out = np.asarray(jax.device_get(out))
-        return out[:b]
+        return np.asarray(jax.device_get(out))[:b]
+
+    def _run_with_progress(self, args, plan, static):
+        """`denoise` as `denoise_begin`, one `denoise_steps` call per sampler step and
+        `denoise_finish`, with a progress bar that counts finished steps. Each call is queued before the previous one is waited
+        for, so the device never waits for the host."""
+        from jaxdiff.pipelines.progress import bar
+
+        carry, cond = _begin_jit(self.params, args, plan, static)
+        if static.run_sampler:
+            unet = {"unet": self.params["unet"]}  # what the steps read: fewer leaves to pass
+            with bar(total=plan.num_steps) as advance:
+                previous = None
+                for i in range(plan.num_steps):
+                    carry = _steps_jit(
+                        unet, cond, carry, plan, static, np.int32(i), np.int32(i + 1)
+                    )
+                    if previous is not None:
+                        previous.block_until_ready()
+                        advance()
+                    previous = carry.latents
+                previous.block_until_ready()
+                advance()
+        return _finish_jit(self.params, carry, static)
 
 
 def _place_params(weights: PipelineWeights, mesh, shard: bool, dtype: str = "float32"):
