@@ -3,7 +3,8 @@
 A second run of the same command (same model, batch, size, steps, sampler; for training, the
 same config, so also a resume after a crash or preemption) loads the compiled programs instead
 of compiling them again. The folder is $JAXDIFF_CACHE_DIR, else $XDG_CACHE_HOME/jaxdiff/xla
-(~/.cache/jaxdiff/xla); JAXDIFF_CACHE_DIR=off turns it off.
+(~/.cache/jaxdiff/xla); JAXDIFF_CACHE_DIR=off turns it off. The same folder keeps converted
+tokenizers (`jaxdiff.tokenizer`, in `tokenizers/`).
 
 Entries go in a subfolder named after this machine's CPU (`host_tag`). A cached CPU program is
 native code for the CPU that compiled it, and JAX's cache key names the platform (`cpu`) but
@@ -42,22 +43,26 @@ def host_tag() -> str:
     return f"{platform.machine() or 'unknown'}-{digest}"
 
 
-def cache_dir(base: str | os.PathLike | None = None) -> Path | None:
-    """The folder that holds this machine's entries, or None when the cache is off.
-
-    base: the cache's folder (`jaxdiff bench --cache DIR`); default $JAXDIFF_CACHE_DIR, else the
-    user's cache folder."""
+def base_dir(base: str | os.PathLike | None = None) -> Path | None:
+    """jaxdiff's cache folder, or None when the cache is off: `base` (`jaxdiff bench --cache
+    DIR`), else $JAXDIFF_CACHE_DIR, else the user's cache folder. It holds one subfolder of
+    compiled programs per CPU (`cache_dir`) and the converted tokenizers (`jaxdiff.tokenizer`)."""
     env = os.environ.get("JAXDIFF_CACHE_DIR")
     if base is not None:
-        base = Path(base)
-    elif env == "off":
+        return Path(base)
+    if env == "off":
         return None
-    elif env:
-        base = Path(env)
-    else:
-        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = Path(home) / "jaxdiff" / "xla"
-    return base / host_tag()
+    if env:
+        return Path(env)
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home) / "jaxdiff" / "xla"
+
+
+def cache_dir(base: str | os.PathLike | None = None) -> Path | None:
+    """The folder that holds this machine's compiled programs, or None when the cache is off.
+    `base` as for `base_dir`."""
+    root = base_dir(base)
+    return None if root is None else root / host_tag()
 
 
 def enable(base: str | os.PathLike | None = None) -> Path | None:

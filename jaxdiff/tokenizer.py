@@ -1,15 +1,101 @@
-"""Prompt tokenization on the host, through transformers' CLIPTokenizer.
+"""Prompt tokenization on the host: transformers' CLIPTokenizer, kept converted in the cache.
 
 jaxdiff ships CLIP's BPE vocabulary (jaxdiff/assets/clip_tokenizer, derived from OpenAI's
 `bpe_simple_vocab_16e6.txt.gz` by scripts/make_clip_tokenizer.py), so tokenizing needs no hub.
+
+transformers 5 builds its CLIPTokenizer as a `tokenizers.Tokenizer` (normalizer, BPE, the
+BOS/EOS post-processor) and encodes through it. Importing transformers takes 1.3-1.7 s on a small
+CPU, more than loading the bundled model's weights, so the first load of a tokenizer folder saves
+that `tokenizers.Tokenizer` in jaxdiff's cache folder (`compilation_cache.base_dir()`, under
+`tokenizers/`), keyed by the folder's files and the transformers and tokenizers versions; later
+loads read it back without importing transformers, and encode exactly as transformers does
+(`tests/test_models.py` compares the ids). Where transformers gives no `tokenizers` backend
+(transformers 4's Python CLIPTokenizer), its own object is used as before.
 """
 
 from __future__ import annotations
 
-from importlib import resources
+import hashlib
+import json
+from importlib import metadata, resources
 from pathlib import Path
 
 import numpy as np
+
+# The files of a tokenizer folder that can change how it encodes.
+_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+_FORMAT = 1  # of the cached file; bump when its content changes
+
+
+class ClipTokenizer:
+    """A CLIP tokenizer as transformers configures it: its `tokenizers` backend with the padding
+    and truncation settings that `tokenize` asks transformers for."""
+
+    def __init__(
+        self,
+        backend,
+        *,
+        model_max_length,
+        pad_token,
+        pad_id,
+        padding_side,
+        truncation_side,
+        name_or_path,
+    ):
+        self.backend = backend
+        self.model_max_length = int(model_max_length)
+        self.pad_token, self.pad_id = pad_token, int(pad_id)
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self.name_or_path = str(name_or_path)  # the folder: an export copies its files
+
+    @classmethod
+    def from_transformers(cls, tok):
+        return cls(
+            tok.backend_tokenizer,
+            model_max_length=tok.model_max_length,
+            pad_token=str(tok.pad_token),
+            pad_id=tok.pad_token_id,
+            padding_side=tok.padding_side,
+            truncation_side=tok.truncation_side,
+            name_or_path=tok.name_or_path,
+        )
+
+    def to_json(self) -> str:
+        settings = dict(
+            model_max_length=self.model_max_length,
+            pad_token=self.pad_token,
+            pad_id=self.pad_id,
+            padding_side=self.padding_side,
+            truncation_side=self.truncation_side,
+        )
+        return json.dumps({"format": _FORMAT, **settings, "backend": self.backend.to_str()})
+
+    @classmethod
+    def from_json(cls, text: str, name_or_path):
+        from tokenizers import Tokenizer
+
+        d = json.loads(text)
+        if d.pop("format") != _FORMAT:
+            raise ValueError("another format")
+        return cls(Tokenizer.from_str(d.pop("backend")), name_or_path=name_or_path, **d)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """int32 ids [B, model_max_length]: BOS, tokens, EOS, truncated and padded."""
+        n = self.model_max_length
+        backend = self.backend
+        backend.enable_truncation(n, direction=self.truncation_side)
+        backend.enable_padding(
+            length=n, pad_id=self.pad_id, pad_token=self.pad_token, direction=self.padding_side
+        )
+        encodings = backend.encode_batch(list(prompts), add_special_tokens=True)
+        return np.array([e.ids for e in encodings], dtype=np.int32).reshape(len(encodings), n)
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -18,13 +104,59 @@ def bundled_tokenizer_dir() -> Path:
 
 def bundled_clip_tokenizer():
     """OpenAI CLIP's tokenizer (vocabulary 49,408, 77 tokens), as SD 1.x and SDXL use it."""
+    return load_clip_tokenizer(bundled_tokenizer_dir())
+
+
+def _cache_key(folder: Path) -> str:
+    h = hashlib.sha256(f"format {_FORMAT}\n".encode())
+    for package in ("transformers", "tokenizers"):
+        try:
+            h.update(f"{package} {metadata.version(package)}\n".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{package} none\n".encode())
+    for name in _TOKENIZER_FILES:
+        path = folder / name
+        if path.is_file():
+            h.update(f"{name} {path.stat().st_size}\n".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def load_clip_tokenizer(folder):
+    """The CLIP tokenizer of a folder (vocab.json, merges.txt, tokenizer_config.json, ...).
+
+    A `ClipTokenizer` (from jaxdiff's cache when it holds this folder's), or transformers'
+    tokenizer where transformers gives no `tokenizers` backend. Errors are transformers'."""
+    from jaxdiff import atomic
+    from jaxdiff.compilation_cache import base_dir
+
+    folder = Path(folder)
+    root = base_dir()
+    cached = None if root is None else root / "tokenizers" / f"{_cache_key(folder)}.json"
+    if cached is not None and cached.is_file():
+        try:
+            return ClipTokenizer.from_json(cached.read_text(encoding="utf-8"), folder)
+        except Exception:  # a damaged or foreign entry: load the folder again and replace it
+            pass
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    if getattr(tok, "backend_tokenizer", None) is None:
+        return tok
+    fast = ClipTokenizer.from_transformers(tok)
+    if cached is not None:
+        text = fast.to_json()
+        try:
+            atomic.write_file(cached, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        except OSError:
+            pass  # a read-only cache: every load goes through transformers
+    return fast
 
 
 def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:
     """Prompts -> int32 ids [B, model_max_length], padded and truncated as diffusers does."""
+    if isinstance(tokenizer, ClipTokenizer):
+        return tokenizer.encode(prompts)
     ids = tokenizer(
         list(prompts),
         padding="max_length",

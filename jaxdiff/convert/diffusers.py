@@ -29,6 +29,7 @@ from jaxdiff.models.build import abstract_params
 from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+from jaxdiff.tokenizer import ClipTokenizer, load_clip_tokenizer
 
 
 class WeightsError(ValueError):
@@ -401,10 +402,8 @@ def load_pipeline(path, *, variant=None, param_dtype=np.float32) -> PipelineWeig
 
 
 def load_tokenizer(folder):
-    from transformers import CLIPTokenizer
-
     try:
-        return CLIPTokenizer.from_pretrained(str(folder))
+        return load_clip_tokenizer(folder)
     except Exception as e:  # transformers raises several types for a bad folder
         raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({e})") from None
 
@@ -447,7 +446,9 @@ def save_pipeline(weights: PipelineWeights, out, *, overwrite: bool = False, dty
             index[name] = [kind.library, kind.class_name]
         for name, tok in weights.tokenizers.items():
             source = Path(str(getattr(tok, "name_or_path", "")))
-            if source.is_dir() and (source / "tokenizer_config.json").is_file():
+            if source.is_dir() and (
+                isinstance(tok, ClipTokenizer) or (source / "tokenizer_config.json").is_file()
+            ):
                 shutil.copytree(source, tmp / name)  # the original files, byte for byte
             else:
                 tok.save_pretrained(str(tmp / name))
