@@ -1156,7 +1156,8 @@ def run_steps(
     post_step: Callable[[Array, Array], Array] | None = None,
 ) -> SamplerCarry:
     """Steps `start` to `stop - 1` of the plan from `carry` (`init_carry(plan, x_T)` at step 0);
-    arguments as `sample`'s. `start` and `stop` may be traced: one compiled program runs any
+    the other arguments as `sample`'s, and `model_dtype` the dtype the model gets its input in
+    (`sample` uses x_T's). `start` and `stop` may be traced: one compiled program runs any
     range of steps, so a host loop can run a plan a few steps per call and report progress in
     between (`sample` is the same steps in one scan). Returns the carry after step `stop - 1`.
     """

@@ -749,8 +749,8 @@ class StableDiffusion:
 
     def _run_with_progress(self, args, plan, static):
         """`denoise` as `denoise_begin`, one `denoise_steps` call per sampler step and
-        `denoise_finish`, with a progress bar that counts finished steps. Each call is queued before the previous one is waited
-        for, so the device never waits for the host."""
+        `denoise_finish`, with a progress bar that counts finished steps. Each step is queued
+        before the previous one is waited for, so the device need not wait for the host."""
         from jaxdiff.pipelines.progress import bar
 
         carry, cond = _begin_jit(self.params, args, plan, static)
