@@ -32,6 +32,8 @@ _TOKENIZER_FILES = (
     "added_tokens.json",
 )
 _FORMAT = 1  # of the cached file; bump when its content changes
+# What transformers' tokenizer passes to its backend for `tokenize`'s padding and truncation.
+_SETTINGS = ("model_max_length", "pad_token", "pad_id", "padding_side", "truncation_side")
 
 
 class ClipTokenizer:
@@ -68,13 +70,7 @@ class ClipTokenizer:
         )
 
     def to_json(self) -> str:
-        settings = dict(
-            model_max_length=self.model_max_length,
-            pad_token=self.pad_token,
-            pad_id=self.pad_id,
-            padding_side=self.padding_side,
-            truncation_side=self.truncation_side,
-        )
+        settings = {name: getattr(self, name) for name in _SETTINGS}
         return json.dumps({"format": _FORMAT, **settings, "backend": self.backend.to_str()})
 
     @classmethod
