@@ -9,7 +9,7 @@ CPU, more than loading the bundled model's weights, so the first load of a token
 that `tokenizers.Tokenizer` in jaxdiff's cache folder (`compilation_cache.base_dir()`, under
 `tokenizers/`), keyed by the folder's files and the transformers and tokenizers versions; later
 loads read it back without importing transformers, and encode exactly as transformers does
-(`tests/test_models.py` compares the ids). Where transformers gives no `tokenizers` backend
+(`tests/test_tokenizer.py` compares the ids). Where transformers gives no `tokenizers` backend
 (transformers 4's Python CLIPTokenizer), its own object is used as before.
 """
 
