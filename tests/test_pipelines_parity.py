@@ -122,8 +122,11 @@ def sdxl(tmp_path_factory):
     return StableDiffusionXLPipeline.from_pretrained(path), path
 
 
-def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5, **options):
-    """options: guidance_rescale, clip_skip (given to both sides)."""
+def _compare(
+    tmp_path, pipe, path, sampler, batch, negative, guidance=7.5, progress=False, **options
+):
+    """options: guidance_rescale, clip_skip (given to both sides). progress: the CLI's default
+    path, with its progress bar (one program per sampler step), instead of `--no-progress`."""
     import diffusers
 
     prompts = ["a small red circle on the left", "a large blue square"][:batch]
@@ -154,8 +157,9 @@ def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5, **opt
         "npy",
         "--out",
         str(out),
-        "--no-progress",
     ]
+    if not progress:
+        argv.append("--no-progress")
     if negative:
         argv += ["--negative-prompt", negative]
     for name, value in options.items():
@@ -185,7 +189,8 @@ def _compare(tmp_path, pipe, path, sampler, batch, negative, guidance=7.5, **opt
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 @pytest.mark.parametrize("batch,negative", [(1, None), (2, "blurry, green")])
 def test_sd1_matches_diffusers(tmp_path, sd1, sampler, batch, negative):
-    _compare(tmp_path, *sd1, sampler, batch, negative)
+    # DPM++ 2M (a multistep history in the carry) runs the CLI's default path, step by step.
+    _compare(tmp_path, *sd1, sampler, batch, negative, progress=sampler == "dpmpp_2m")
 
 
 def test_sd1_guidance_rescale_matches_diffusers(tmp_path, sd1):
@@ -264,6 +269,7 @@ def sdxl_refiner(tmp_path_factory):
 
 
 def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
+    """With the CLI's progress bar (its default): both stages run one program per step."""
     (base, base_path), (refiner, refiner_path) = sdxl, sdxl_refiner
     latents = (
         np.random.default_rng(7).standard_normal((2, 4, SIZE // 4, SIZE // 4)).astype(np.float32)
@@ -302,7 +308,6 @@ def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
         "npy",
         "--out",
         str(out),
-        "--no-progress",
     ]
     assert main(argv) == 0
     handover = base(
