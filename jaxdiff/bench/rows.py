@@ -599,7 +599,7 @@ def _rows() -> dict[str, Row]:
             row(
                 "tiny-txt2img",
                 "cpu",
-                "tiny preset text-to-image, 25 Euler steps, b1",
+                "tiny preset text-to-image, 25 Euler steps, b1 (one program; one call per step)",
                 lambda c, r: text_to_image(c, "tiny", 1, 25, "float32", r, step_by_step=True),
             ),
             row(
