@@ -4,7 +4,8 @@ A second run of the same command (same model, batch, size, steps, sampler; for t
 same config, so also a resume after a crash or preemption) loads the compiled programs instead
 of compiling them again. The folder is $JAXDIFF_CACHE_DIR, else $XDG_CACHE_HOME/jaxdiff/xla
 (~/.cache/jaxdiff/xla); JAXDIFF_CACHE_DIR=off turns it off. The same folder keeps converted
-tokenizers (`jaxdiff.tokenizer`, in `tokenizers/`).
+tokenizers (`jaxdiff.tokenizer`, in `tokenizers/`) and models' parameter shapes
+(`jaxdiff.models.build.boxed_abstract_params`, in `params/`).
 
 Entries go in a subfolder named after this machine's CPU (`host_tag`). A cached CPU program is
 native code for the CPU that compiled it, and JAX's cache key names the platform (`cpu`) but
@@ -46,7 +47,7 @@ def host_tag() -> str:
 def base_dir(base: str | os.PathLike | None = None) -> Path | None:
     """jaxdiff's cache folder, or None when the cache is off: `base` (`jaxdiff bench --cache
     DIR`), else $JAXDIFF_CACHE_DIR, else the user's cache folder. It holds one subfolder of
-    compiled programs per CPU (`cache_dir`) and the converted tokenizers (`jaxdiff.tokenizer`)."""
+    compiled programs per CPU (`cache_dir`), the converted tokenizers and parameter shapes."""
     env = os.environ.get("JAXDIFF_CACHE_DIR")
     if base is not None:
         return Path(base)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxdiff import compilation_cache
 from jaxdiff.models import build
@@ -69,3 +70,62 @@ def test_one_shot_compile_gives_the_same_parameters(monkeypatch):
     assert len(leaves) == len(reference) > 10
     for a, b in zip(leaves, reference, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _leaves(boxed):
+    """(path, type, shape, dtype, names) of every boxed parameter, in tree order."""
+    return [
+        (jax.tree_util.keystr(path), type(leaf), leaf.value.shape, leaf.value.dtype, leaf.names)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+        )
+    ]
+
+
+def test_parameter_shapes_come_back_from_the_cache_unchanged(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    sdxl = PRESETS["tiny-sdxl"]
+    configs = [sdxl.unet, sdxl.text_encoder_2, PRESETS["tiny"].vae]
+    traced = [build.boxed_abstract_params(c) for c in configs]
+    entries = sorted((tmp_path / "cache" / "params").iterdir())
+    assert len(entries) == 3
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced the model again")
+
+    monkeypatch.setattr(build.jax, "eval_shape", no_trace)
+    for config, fresh in zip(configs, traced, strict=True):
+        cached = build.boxed_abstract_params(config)
+        assert jax.tree_util.tree_structure(cached) == jax.tree_util.tree_structure(fresh)
+        assert _leaves(cached) == _leaves(fresh)
+    with pytest.raises(AssertionError, match="traced"):  # another dtype: not in the cache
+        build.boxed_abstract_params(sdxl.unet, jnp.bfloat16)
+
+
+def test_parameter_shapes_key_covers_config_dtype_and_model_code(monkeypatch, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    unet = PRESETS["tiny"].unet
+    key = build._shapes_key(unet, jnp.float32)
+    assert build._shapes_key(unet, jnp.float32) == key
+    assert build._shapes_key(unet, jnp.bfloat16) != key
+    assert build._shapes_key(PRESETS["tiny-sdxl"].unet, jnp.float32) != key
+    edited = tmp_path / "models"
+    shutil.copytree(Path(build.__file__).parent, edited, ignore=shutil.ignore_patterns("__py*"))
+    monkeypatch.setattr(build, "__file__", str(edited / "build.py"))
+    assert build._shapes_key(unet, jnp.float32) == key  # the same source, elsewhere
+    layers = edited / "layers.py"
+    layers.write_text(layers.read_text() + "\n# an edit\n")
+    assert build._shapes_key(unet, jnp.float32) != key
+
+
+def test_damaged_parameter_shapes_entry_is_traced_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    vae = PRESETS["tiny"].vae
+    fresh = build.boxed_abstract_params(vae)
+    (entry,) = (tmp_path / "cache" / "params").iterdir()
+    good = entry.read_text()
+    entry.write_text(good[:100])
+    assert _leaves(build.boxed_abstract_params(vae)) == _leaves(fresh)
+    assert entry.read_text() == good
