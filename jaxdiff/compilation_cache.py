@@ -19,6 +19,8 @@ import hashlib
 import os
 import platform
 import sys
+from collections.abc import Callable, Iterable
+from importlib import metadata
 from pathlib import Path
 
 
@@ -88,3 +90,50 @@ def enable(base: str | os.PathLike | None = None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+# ----------------------------------------------------------------------------- derived files
+
+
+def entry_key(text: str, packages: Iterable[str] = (), files: Iterable[Path] = ()) -> str:
+    """A key for something derived from `text`, the installed `packages`' versions and the
+    contents of `files` (those that exist)."""
+    h = hashlib.sha256(text.encode() + b"\n")
+    for package in packages:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "none"
+        h.update(f"{package} {version}\n".encode())
+    for path in files:
+        if path.is_file():
+            h.update(f"{path.name} {path.stat().st_size}\n".encode() + path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def memoized(
+    kind: str, key: Callable[[], str], compute, *, dump: Callable, load: Callable[[str], object]
+):
+    """`compute()`, kept as text in jaxdiff's cache folder (`kind/<key()>.json`) for later
+    processes (`key` is called only when the cache is on).
+
+    dump(value): the text to keep, or None to keep nothing. load(text): the value back. A
+    damaged entry is computed again and replaced; with the cache off, or a cache folder that
+    cannot be written, every call computes."""
+    from jaxdiff import atomic
+
+    root = base_dir()
+    path = None if root is None else root / kind / f"{key()}.json"
+    if path is not None and path.is_file():
+        try:
+            return load(path.read_text(encoding="utf-8"))
+        except Exception:  # damaged, or from another version of the format
+            pass
+    value = compute()
+    text = None if path is None else dump(value)
+    if text is not None:
+        try:
+            atomic.write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        except OSError:
+            pass
+    return value

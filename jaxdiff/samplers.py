@@ -1069,11 +1069,10 @@ def step_inputs(plan: SamplingPlan, index: int) -> dict[str, Array]:
 
 
 def _check_randomness(spec, plan: SamplingPlan, key, noise, eta) -> None:
-    if plan.sampler != "ddim" and not (isinstance(eta, (int, float)) and eta == 0.0):
+    zero_eta = isinstance(eta, (int, float)) and eta == 0.0  # an array eta may be non-zero
+    if plan.sampler != "ddim" and not zero_eta:
         raise ValueError("eta is an option of the ddim sampler only")
-    needs_key = spec.noise_per_step > 0 and (
-        plan.sampler != "ddim" or not (isinstance(eta, (int, float)) and eta == 0.0)
-    )
+    needs_key = spec.noise_per_step > 0 and (plan.sampler != "ddim" or not zero_eta)
     if needs_key and key is None and noise is None:
         raise ValueError(f"sampler {plan.sampler!r} is stochastic: pass a PRNG key (or noise)")
 

@@ -15,9 +15,8 @@ loads read it back without importing transformers, and encode exactly as transfo
 
 from __future__ import annotations
 
-import hashlib
 import json
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -103,50 +102,34 @@ def bundled_clip_tokenizer():
     return load_clip_tokenizer(bundled_tokenizer_dir())
 
 
-def _cache_key(folder: Path) -> str:
-    h = hashlib.sha256(f"format {_FORMAT}\n".encode())
-    for package in ("transformers", "tokenizers"):
-        try:
-            h.update(f"{package} {metadata.version(package)}\n".encode())
-        except metadata.PackageNotFoundError:
-            h.update(f"{package} none\n".encode())
-    for name in _TOKENIZER_FILES:
-        path = folder / name
-        if path.is_file():
-            h.update(f"{name} {path.stat().st_size}\n".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:32]
-
-
 def load_clip_tokenizer(folder):
     """The CLIP tokenizer of a folder (vocab.json, merges.txt, tokenizer_config.json, ...).
 
     A `ClipTokenizer` (from jaxdiff's cache when it holds this folder's), or transformers'
     tokenizer where transformers gives no `tokenizers` backend. Errors are transformers'."""
-    from jaxdiff import atomic
-    from jaxdiff.compilation_cache import base_dir
+    from jaxdiff import compilation_cache
 
     folder = Path(folder)
-    root = base_dir()
-    cached = None if root is None else root / "tokenizers" / f"{_cache_key(folder)}.json"
-    if cached is not None and cached.is_file():
-        try:
-            return ClipTokenizer.from_json(cached.read_text(encoding="utf-8"), folder)
-        except Exception:  # a damaged or foreign entry: load the folder again and replace it
-            pass
-    from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(folder))
-    if getattr(tok, "backend_tokenizer", None) is None:
-        return tok
-    fast = ClipTokenizer.from_transformers(tok)
-    if cached is not None:
-        text = fast.to_json()
-        try:
-            atomic.write_file(cached, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        except OSError:
-            pass  # a read-only cache: every load goes through transformers
-    return fast
+    def convert():
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(str(folder))
+        if getattr(tok, "backend_tokenizer", None) is None:
+            return tok
+        return ClipTokenizer.from_transformers(tok)
+
+    return compilation_cache.memoized(
+        "tokenizers",
+        lambda: compilation_cache.entry_key(
+            f"format {_FORMAT}",
+            packages=("transformers", "tokenizers"),
+            files=[folder / name for name in _TOKENIZER_FILES],
+        ),
+        convert,
+        dump=lambda tok: tok.to_json() if isinstance(tok, ClipTokenizer) else None,
+        load=lambda text: ClipTokenizer.from_json(text, folder),
+    )
 
 
 def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:

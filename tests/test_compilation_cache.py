@@ -114,10 +114,14 @@ def test_parameter_shapes_key_covers_config_dtype_and_model_code(monkeypatch, tm
     edited = tmp_path / "models"
     shutil.copytree(Path(build.__file__).parent, edited, ignore=shutil.ignore_patterns("__py*"))
     monkeypatch.setattr(build, "__file__", str(edited / "build.py"))
+    build._models_source_digest.cache_clear()
     assert build._shapes_key(unet, jnp.float32) == key  # the same source, elsewhere
     layers = edited / "layers.py"
     layers.write_text(layers.read_text() + "\n# an edit\n")
+    build._models_source_digest.cache_clear()
     assert build._shapes_key(unet, jnp.float32) != key
+    monkeypatch.undo()
+    build._models_source_digest.cache_clear()
 
 
 def test_damaged_parameter_shapes_entry_is_traced_again(monkeypatch, tmp_path):

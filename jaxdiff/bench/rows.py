@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from unittest import mock
 
 from jaxdiff.bench.harness import (
     Context,
@@ -266,7 +267,7 @@ def text_to_image(
         def silent(**_):
             yield lambda: None
 
-        with _patched(progress, "bar", silent):
+        with mock.patch.object(progress, "bar", silent):
             results.append(measure("jaxdiff, one call per step", True))
     if ctx.compare and _have_peer():
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -286,16 +287,6 @@ def text_to_image(
 
         results.append(measure_torch(ctx, peer, row=row, case=case, impl="diffusers", items=batch))
     return results
-
-
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _torch_pipeline(ctx, weights, scheduler_cls, pipeline_cls):

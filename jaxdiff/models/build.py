@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -53,36 +55,31 @@ def boxed_abstract_params(config, param_dtype=jnp.float32):
     4 s for SDXL's on a 2-core CPU), so the result is kept in jaxdiff's cache folder (`params/`,
     see `compilation_cache.base_dir`), keyed by the config, the dtype, the source of
     `jaxdiff.models` and the jax and flax versions: loading a model's weights needs no trace."""
-    from jaxdiff import atomic
-    from jaxdiff.compilation_cache import base_dir
+    from jaxdiff import compilation_cache
 
-    root = base_dir()
-    path = None if root is None else root / "params" / f"{_shapes_key(config, param_dtype)}.json"
-    if path is not None and path.is_file():
-        try:
-            return _boxed_from_json(path.read_text(encoding="utf-8"))
-        except Exception:  # a damaged entry: trace again and replace it
-            pass
-    boxed = jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
-    if path is not None:
-        text = _boxed_to_json(boxed)
-        try:
-            atomic.write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        except OSError:
-            pass  # a read-only cache: trace every time
-    return boxed
+    return compilation_cache.memoized(
+        "params",
+        lambda: _shapes_key(config, param_dtype),
+        lambda: jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0)),
+        dump=_boxed_to_json,
+        load=_boxed_from_json,
+    )
 
 
 def _shapes_key(config, param_dtype) -> str:
-    import hashlib
-    from importlib import metadata
+    from jaxdiff.compilation_cache import entry_key
 
-    h = hashlib.sha256(f"{config!r}\n{jnp.dtype(param_dtype).name}\n".encode())
-    for package in ("jax", "flax"):
-        h.update(f"{package} {metadata.version(package)}\n".encode())
+    text = f"{config!r}\n{jnp.dtype(param_dtype).name}\n{_models_source_digest()}"
+    return entry_key(text, packages=("jax", "flax"))
+
+
+@functools.cache
+def _models_source_digest() -> str:
+    """A hash of `jaxdiff.models`' source: any edit there may change the parameters."""
+    h = hashlib.sha256()
     for source in sorted(Path(__file__).parent.glob("*.py")):
         h.update(source.name.encode() + b"\n" + source.read_bytes())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def _boxed_to_json(boxed) -> str:
