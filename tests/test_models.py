@@ -1,5 +1,6 @@
 """Presets, parameter counts, logical axes and the dtype policy of jaxdiff's models."""
 
+import functools
 import json
 
 import jax
@@ -127,16 +128,16 @@ def test_bfloat16_compute_keeps_float32_where_it_matters():
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
     t = np.array([10.0, 900.0], np.float32)
-    f32 = module_for(cfg).apply({"params": params}, x, t, ctx)
+    f32 = jax.jit(module_for(cfg).apply)({"params": params}, x, t, ctx)
     bf16_model = module_for(cfg, dtype=jnp.bfloat16)
-    bf16 = bf16_model.apply({"params": params}, x, t, ctx)
+    bf16 = jax.jit(bf16_model.apply)({"params": params}, x, t, ctx)
     assert bf16.dtype == jnp.bfloat16
     rel = np.linalg.norm(np.asarray(bf16, np.float32) - f32) / np.linalg.norm(f32)
     assert rel < BF16_RTOL, rel
 
     # Storage in bfloat16 is separate from compute.
     half_params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
-    out = module_for(cfg, dtype=jnp.float32, param_dtype=jnp.bfloat16).apply(
+    out = jax.jit(module_for(cfg, dtype=jnp.float32, param_dtype=jnp.bfloat16).apply)(
         {"params": half_params}, x, t, ctx
     )
     assert out.dtype == jnp.float32
@@ -144,8 +145,8 @@ def test_bfloat16_compute_keeps_float32_where_it_matters():
     # The VAE decoder hands back float32 pixels even when it computes in bfloat16.
     vcfg = PRESETS["tiny"].vae
     vae = module_for(vcfg, dtype=jnp.bfloat16)
-    img = vae.apply(
-        {"params": random_params(vcfg)}, np.zeros((1, 4, 4, 4), np.float32), method=vae.decode
+    img = jax.jit(functools.partial(vae.apply, method=vae.decode))(
+        {"params": random_params(vcfg)}, np.zeros((1, 4, 4, 4), np.float32)
     )
     assert img.dtype == jnp.float32
 

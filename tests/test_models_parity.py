@@ -4,6 +4,8 @@ Each reference model is tiny and random, saved with `save_pretrained`, loaded by
 loader, and run on the same inputs.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -62,7 +64,7 @@ def test_unet_matches_diffusers(tmp_path, name, config, size):
                 text_embeds=torch.from_numpy(text_embeds), time_ids=torch.from_numpy(time_ids)
             )
         )
-    out = model.apply({"params": params}, sample, t, ctx, **extra)
+    out = jax.jit(model.apply)({"params": params}, sample, t, ctx, **extra)
     with torch.no_grad():
         expected = ref(nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx), **ref_extra).sample
     assert_close(out, nhwc(expected), f"{name} UNet noise prediction")
@@ -77,8 +79,12 @@ def test_vae_matches_diffusers(tmp_path):
     images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
 
-    posterior = model.apply({"params": params}, images, method=model.encode)
-    decoded = model.apply({"params": params}, latents, method=model.decode)
+    posterior = jax.jit(functools.partial(model.apply, method=model.encode))(
+        {"params": params}, images
+    )
+    decoded = jax.jit(functools.partial(model.apply, method=model.decode))(
+        {"params": params}, latents
+    )
     with torch.no_grad():
         dist = ref.encode(nchw(images)).latent_dist
         ref_decoded = ref.decode(nchw(latents)).sample
@@ -107,7 +113,7 @@ def test_clip_matches_transformers(tmp_path, name, config, with_projection, use_
         np.random.default_rng(2), 3, 16, config["vocab_size"], 998, 999, config["pad_token_id"]
     )
     mask = (np.arange(16)[None] <= np.argmax(ids == 999, axis=1)[:, None]).astype(np.int64)
-    out = model.apply({"params": params}, ids, mask if use_mask else None)
+    out = jax.jit(model.apply)({"params": params}, ids, mask if use_mask else None)
     with torch.no_grad():
         expected = ref(
             torch.from_numpy(ids),

@@ -351,6 +351,7 @@ def test_two_processes_equal_one(uninterrupted, tmp_path):
     assert_close(losses, ref_losses[:4], "two processes vs one")
 
 
+@pytest.mark.slow  # about a minute on 2 cores; CI runs it in its slow pass
 def test_text_encoder_training_with_cached_latents(tmp_path):
     """train_text_encoder and cache_latents together: the text encoder's weights move, the VAE's
     do not, and the loss is finite. The run trains a v-prediction UNet from an epsilon model, and
@@ -405,6 +406,7 @@ def test_sdxl_time_ids_follow_the_crop(tmp_path):
     assert sdxl_time_ids(64, 128, 32, flip=False).tolist() == [128, 64, 16, 0, 32, 32]
 
 
+@pytest.mark.slow  # about a minute on 2 cores; CI runs it in its slow pass
 def test_sdxl_training_run_and_export(tmp_path):
     """An SDXL-architecture model trains (both tokenizers, pooled text, size ids from each
     image's own size and crop), with cached latents; the export loads as an SDXL pipeline in

@@ -1,8 +1,10 @@
 """Loading and saving diffusers-format folders: round trips, variants, shards, and bad input."""
 
+import functools
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,7 @@ def test_export_loads_in_diffusers_and_transformers(tiny_sdxl_folder):
     text_embeds = rng.standard_normal((1, 24)).astype(np.float32)
     time_ids = np.array([[32, 32, 0, 0, 32, 32]], np.float32)
     t = np.array([500.0], np.float32)
-    ours = module_for(weights.configs["unet"]).apply(
+    ours = jax.jit(module_for(weights.configs["unet"]).apply)(
         {"params": p["unet"]}, x, t, ctx, text_embeds=text_embeds, time_ids=time_ids
     )
     with torch.no_grad():
@@ -76,7 +78,9 @@ def test_export_loads_in_diffusers_and_transformers(tiny_sdxl_folder):
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     z = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
     vae_module = module_for(weights.configs["vae"])
-    ours = vae_module.apply({"params": p["vae"]}, z, method=vae_module.decode)
+    ours = jax.jit(functools.partial(vae_module.apply, method=vae_module.decode))(
+        {"params": p["vae"]}, z
+    )
     with torch.no_grad():
         theirs = vae.decode(nchw(z)).sample
     assert_close(ours, nhwc(theirs), "exported VAE decoder")
@@ -87,7 +91,7 @@ def test_export_loads_in_diffusers_and_transformers(tiny_sdxl_folder):
         ("text_encoder_2", CLIPTextModelWithProjection),
     ):
         ref = cls.from_pretrained(out / name).eval()
-        ours = module_for(weights.configs[name]).apply({"params": p[name]}, ids)
+        ours = jax.jit(module_for(weights.configs[name]).apply)({"params": p[name]}, ids)
         with torch.no_grad():
             theirs = ref(torch.from_numpy(ids))
         assert_close(ours.last_hidden_state, theirs.last_hidden_state.numpy(), f"exported {name}")
