@@ -1,55 +1,87 @@
 #!/usr/bin/env bash
 # The prepared GPU run of issue 7 (docs/benchmarks.md, "GPU: prepared"), for a session that is
-# lent the device machine: one phase per device command, each under the tool's 10-minute limit,
-# every group of rows in its own process under its own time limit (a group that overruns is
-# stopped and the next one still runs). Reports and logs go to $OUT (at most 8 files come back).
+# lent the device machine, whose 15 minutes of device time include the machine's start. One phase
+# per device command, each inside a total of SECONDS; its groups of rows run in priority order,
+# each in its own process, each limited to what is left of SECONDS less what the groups after it
+# are promised. A report is rewritten after every row, so a group stopped at its limit keeps the
+# rows it finished. Reports and logs go to $OUT (at most 8 files come back).
 #
-#   bash scripts/gpu_bench.sh targets   # the timed targets with their diffusers peers
-#   bash scripts/gpu_bench.sh memory    # SDXL training with remat, the largest sampling batches
+#   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
+#   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat, the largest batches
 #
-# diffusers travels as wheels in .whl/ (carry ".whl"; see docs/benchmarks.md for the download).
+# SECONDS defaults to 420. diffusers travels as wheels in .whl/ (carry ".whl"; see
+# docs/benchmarks.md for the download). GPU_BENCH_DRY=1 prints each group's command and limit
+# instead of running it (tests/test_bench.py checks the rows and flags that way).
 set -u
 phase=${1:-targets}
+total=${2:-420}
 if [[ "$phase" != targets && "$phase" != memory ]]; then
     echo "gpu_bench.sh: unknown phase '$phase' (targets or memory)" >&2
     exit 2
 fi
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 2
-    export PYTHONPATH="/tmp/site:$PWD"
-else
-    export PYTHONPATH="$PWD"
+if ! [[ "$total" =~ ^[0-9]+$ ]] || ((total < 60)); then
+    echo "gpu_bench.sh: SECONDS must be a whole number >= 60, got '$total'" >&2
+    exit 2
 fi
-export PYTHONUNBUFFERED=1
+dry=${GPU_BENCH_DRY:-0}
+OUT=${OUT:-bench-out}
 log="$OUT/$phase.log"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } \
-    >> "$log" 2>&1
+if [[ "$dry" != 1 ]]; then
+    mkdir -p "$OUT"
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || exit 2
+        export PYTHONPATH="/tmp/site:$PWD"
+    else
+        export PYTHONPATH="$PWD"
+    fi
+    export PYTHONUNBUFFERED=1
+    { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } \
+        >> "$log" 2>&1
+fi
+SECONDS=0
 
-group() {  # group NAME SECONDS FLAGS...: one benchmark process, its report in $OUT/NAME.json
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name (limit ${limit} s): $*" >> "$log"
+# group NAME CAP RESERVE FLAGS...: one benchmark process, its report in $OUT/NAME.json, limited
+# to CAP seconds and to what is left of the total less RESERVE (the groups after it); skipped
+# when under 30 seconds are left for it.
+group() {
+    local name=$1 cap=$2 reserve=$3
+    shift 3
+    local limit=$((total - SECONDS - reserve))
+    ((limit > cap)) && limit=$cap
+    if [[ "$dry" == 1 ]]; then
+        echo "$name $limit scripts/benchmark.py --json $OUT/$name.json $*"
+        return
+    fi
+    if ((limit < 30)); then
+        echo "== $name: skipped, ${limit} s left for it" >> "$log"
+        return
+    fi
+    echo "== $name (limit ${limit} s, at ${SECONDS} s): $*" >> "$log"
     timeout "$limit" python3 scripts/benchmark.py --json "$OUT/$name.json" "$@" >> "$log" 2>&1
-    echo "== $name: exit $?" >> "$log"
+    echo "== $name: exit $? after ${SECONDS} s" >> "$log"
 }
 
 case "$phase" in
     targets)
-        # Cold compiles (no cache), then text-to-image again from the persistent cache filled
-        # by the first run: that second compile_s is the warm-compile target.
-        group unet-vae 170 --rows sd15-unet vae-decode text-encode --compare
-        group sdxl-unet 150 --rows sdxl-unet --compare
-        group txt2img-train 170 --rows sd15-txt2img sd15-train --compare --cache /tmp/xla-cache
-        group txt2img-warm 60 --rows sd15-txt2img --no-compare --cache /tmp/xla-cache
+        # The UNet, VAE and text-to-image targets first (cold compiles, the cache filling),
+        # then text-to-image again in a new process from that cache (the warm-compile target),
+        # then the train step and text encoding.
+        group targets "$total" 150 --rows sd15-unet sdxl-unet vae-decode sd15-txt2img \
+            --compare --cache /tmp/xla-cache
+        if [[ "$dry" == 1 ]] || grep -q '"row": "sd15-txt2img"' "$OUT/targets.json" 2> /dev/null
+        then
+            group txt2img-warm 90 90 --rows sd15-txt2img --no-compare --cache /tmp/xla-cache
+        else
+            echo "== txt2img-warm: skipped, the cold run measured no sd15-txt2img case" >> "$log"
+        fi
+        group train "$total" 0 --rows sd15-train text-encode --compare
         ;;
     memory)
-        # Each in a fresh process: these rows let jax's pool take 95% of the GPU.
-        group sdxl-train 200 --rows sdxl-train --compare
-        group sd15-max-batch 170 --rows sd15-max-batch
-        group sdxl-max-batch 200 --rows sdxl-max-batch
+        # Each in a fresh process, where jax's pool may take 95% of the GPU.
+        group sdxl-train 240 120 --rows sdxl-train --compare
+        group sd15-max-batch 180 60 --rows sd15-max-batch
+        group sdxl-max-batch "$total" 0 --rows sdxl-max-batch
         ;;
 esac
-tail -n 60 "$log"
+[[ "$dry" == 1 ]] || tail -n 60 "$log"

@@ -246,3 +246,47 @@ def test_python_m_jaxdiff_cli_reports_bad_input_in_one_line():
     assert out.stderr.strip().splitlines() == [
         "jaxdiff: error: bench: --runs must be >= 1 and --warmup >= 0"
     ]
+
+
+def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
+    """scripts/gpu_bench.sh is only ever run on the lent GPU, where a misspelt row or flag would
+    cost device time: its dry run lists each group's command, which must parse, name known rows,
+    cover every `gpu` row between its two phases, and stay inside the phase's seconds."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_bench.sh"
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    covered = []
+    for phase, total in (("targets", 420), ("memory", 300)):
+        out = subprocess.run(
+            ["bash", str(script), phase, str(total)],
+            env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines = out.stdout.strip().splitlines()
+        assert lines, out.stderr
+        for line in lines:
+            name, limit, program, *argv = shlex.split(line)
+            assert program == "scripts/benchmark.py"
+            assert 30 <= int(limit) <= total, line
+            args = parser.parse_args(argv)
+            assert args.json == f"bench-out/{name}.json"
+            covered += [row.name for row in bench.select_rows(args.rows, "gpu")]
+    gpu_rows = [name for name, row in bench.ROWS.items() if row.device == "gpu"]
+    assert set(covered) == set(gpu_rows)
+
+
+@pytest.mark.parametrize("argv", [["nonsense"], ["targets", "30"], ["memory", "ten"]])
+def test_the_gpu_script_refuses_a_bad_phase_or_budget_in_one_line(argv):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_bench.sh"
+    out = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "gpu_bench.sh:" in out.stderr
