@@ -121,6 +121,30 @@ def test_every_parameter_has_logical_axes(preset):
                 assert names == (None, None, "conv_in", "conv_out")
 
 
+def test_random_params_are_seeded_per_parameter_whatever_the_thread_count(monkeypatch):
+    """The draws run on a thread pool: the same seed gives the same values with 1 thread or
+    many, another seed other values, in the requested dtype, kernels ~ N(0, 1/fan_in)."""
+    import os
+
+    cfg = PRESETS["tiny"].unet
+    many = random_params(cfg, seed=3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    one = random_params(cfg, seed=3)
+    other = random_params(cfg, seed=4, param_dtype=jnp.bfloat16)
+    a, b, c = (traverse_util.flatten_dict(p) for p in (many, one, other))
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+        assert a[key].dtype == np.float32 and c[key].dtype == jnp.bfloat16
+        if key[-1] == "kernel":
+            assert not np.array_equal(a[key], np.asarray(c[key], np.float32)), key
+    big = max((k for k in a if k[-1] == "kernel"), key=lambda k: a[k].size)
+    fan_in = np.prod(a[big].shape[:-1])
+    assert abs(a[big].std() * np.sqrt(fan_in) - 1) < 0.05, (big, a[big].shape)
+    assert all(np.all(a[k] == 1) for k in a if k[-1] == "scale")
+    assert all(np.all(a[k] == 0) for k in a if k[-1] == "bias")
+
+
 def test_bfloat16_compute_keeps_float32_where_it_matters():
     cfg = PRESETS["tiny"].unet
     params = random_params(cfg, seed=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import flax.linen as nn
@@ -147,21 +149,27 @@ def random_params(config, seed: int = 0, param_dtype=np.float32):
 
     Kernels ~ N(0, 1/fan_in) (LeCun normal, like `init_params`), embeddings ~ N(0, 0.02^2), norm
     scales 1 and biases 0. Much faster than `init_params` on the CPU, where compiling the forward
-    pass that `init` runs dominates: for tests, benchmarks and `jaxdiff init`.
+    pass that `init` runs dominates: for tests, benchmarks and `jaxdiff init`. Each parameter has
+    its own generator (spawned from `seed` in a fixed order), so the parameters are drawn on all
+    cores (numpy fills an array without the GIL) and are the same whatever the thread count.
     """
-    rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(abstract_params(config))
-    out = {}
-    for path, leaf in flat.items():
+    seeds = np.random.SeedSequence(seed).spawn(len(flat))
+
+    def draw(path, leaf, seed_seq):
         kind = path[-1]
         if kind == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+            value = np.random.default_rng(seed_seq).standard_normal(leaf.shape, np.float32)
+            value *= np.float32(1.0 / np.sqrt(np.prod(leaf.shape[:-1])))
         elif kind == "embedding":
-            value = 0.02 * rng.standard_normal(leaf.shape, np.float32)
+            value = np.random.default_rng(seed_seq).standard_normal(leaf.shape, np.float32)
+            value *= np.float32(0.02)
         elif kind == "scale":
             value = np.ones(leaf.shape, np.float32)
         else:
             value = np.zeros(leaf.shape, np.float32)
-        out[path] = value.astype(param_dtype)
-    return traverse_util.unflatten_dict(out)
+        return value.astype(param_dtype, copy=False)
+
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        values = pool.map(draw, flat, flat.values(), seeds)
+        return traverse_util.unflatten_dict(dict(zip(flat, values, strict=True)))
