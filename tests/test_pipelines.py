@@ -416,3 +416,24 @@ def test_cli_reuses_the_persistent_compilation_cache(tmp_path, model_dir):
     second = run("--no-progress", "--out", str(tmp_path / "c.png"))
     assert "jit_denoise" in programs(second) - programs(first), second
     assert not recompiled(first, second), second
+
+
+def test_the_command_line_imports_no_training_library_until_it_trains():
+    """`jaxdiff generate` registers the `train` command but must not import the loop, optax or
+    orbax (about half a second of its start); `from jaxdiff.train import ...` still works."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from jaxdiff.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = ('jaxdiff.train.loop', 'jaxdiff.checkpoint', 'optax', 'orbax.checkpoint')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from jaxdiff.train import TrainConfig, train\n"
+        "print(train.__module__, TrainConfig.__module__, 'orbax.checkpoint' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["[]", "jaxdiff.train.loop jaxdiff.train.config True"], out
