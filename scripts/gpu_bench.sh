@@ -69,7 +69,9 @@ case "$phase" in
         # then the train step and text encoding.
         group targets "$total" 150 --rows sd15-unet sdxl-unet vae-decode sd15-txt2img \
             --compare --cache /tmp/xla-cache
-        if [[ "$dry" == 1 ]] || grep -q '"row": "sd15-txt2img"' "$OUT/targets.json" 2> /dev/null
+        if [[ "$dry" == 1 ]] || python3 -c 'import json, sys
+results = json.load(open(sys.argv[1]))["results"]
+sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.json" 2> /dev/null
         then
             group txt2img-warm 90 90 --rows sd15-txt2img --no-compare --cache /tmp/xla-cache
         else
