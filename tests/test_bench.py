@@ -109,6 +109,7 @@ FAKE_ROWS = {
     "one": bench.Row("one", "cpu", "a fake row", lambda ctx, name: [_result(name, "jaxdiff", 1.0)]),
     "two": bench.Row("two", "gpu", "another", lambda ctx, name: [_result(name, "jaxdiff", 2.0)]),
     "broken": bench.Row("broken", "cpu", "fails", lambda ctx, name: 1 / 0),
+    "named": bench.Row("named", "opt-in", "only by name", lambda ctx, name: []),
 }
 
 
@@ -116,6 +117,8 @@ def test_select_rows():
     assert [r.name for r in bench.select_rows(None, "cpu", FAKE_ROWS)] == ["one", "broken"]
     assert [r.name for r in bench.select_rows(None, "gpu", FAKE_ROWS)] == ["two"]
     assert [r.name for r in bench.select_rows(["two", "one"], "cpu", FAKE_ROWS)] == ["two", "one"]
+    assert [r.name for r in bench.select_rows(["named"], "cpu", FAKE_ROWS)] == ["named"]
+    assert len(bench.select_rows(None, "all", FAKE_ROWS)) == 4
     with pytest.raises(ValueError, match="unknown rows nope"):
         bench.select_rows(["nope"], "cpu", FAKE_ROWS)
 
@@ -126,6 +129,8 @@ def test_every_issue_row_exists():
     assert {"attention", "conv", "tiny-unet", "tiny-train", "tiny-txt2img"} <= cpu
     assert {"sd15-unet", "sdxl-unet", "vae-decode", "text-encode", "sd15-txt2img"} <= gpu
     assert {"sd15-train", "sdxl-train", "sd15-max-batch", "sdxl-max-batch"} <= gpu
+    assert {r.device for r in bench.ROWS.values()} == {"cpu", "gpu", "opt-in"}
+    assert bench.ROWS["sd15-unet-cpu"].device == "opt-in"
 
 
 def test_run_writes_a_valid_report_and_survives_a_failing_row(tmp_path):

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> dict | None:
     """Run the benchmark from parsed `add_arguments` flags; print the table to stdout."""
     if args.list:
         for r in ROWS.values():
-            print(f"{r.name:<14} {r.device:<4} {r.help}")
+            print(f"{r.name:<14} {r.device:<6} {r.help}")
         return None
     if args.runs < 1 or args.warmup < 0:
         raise ValueError("--runs must be >= 1 and --warmup >= 0")

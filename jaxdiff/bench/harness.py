@@ -419,7 +419,9 @@ def table(results: list[Result]) -> str:
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    device: str  # "cpu" or "gpu": which default set it belongs to
+    # Which default set it belongs to: "cpu" or "gpu"; "opt-in" rows run only when named in
+    # --rows (or with --device-rows all).
+    device: str
     help: str
     run: Callable[[Context, str], list[Result]]  # (context, row name) -> results
     mem_fraction: float | None = None  # of the GPU for jax's pool, where only such rows run

@@ -593,6 +593,13 @@ def _rows() -> dict[str, Row]:
                 "tiny preset text-to-image, 25 Euler steps, b1 (one program; one call per step)",
                 lambda c, r: text_to_image(c, "tiny", 1, 25, "float32", r, step_by_step=True),
             ),
+            # SD 1.5's sampling step on a laptop-class CPU: minutes on 2 cores, so only by name.
+            row(
+                "sd15-unet-cpu",
+                "opt-in",
+                "SD 1.5 UNet step, b1, 512px, float32 (for the CPU; minutes)",
+                lambda c, r: unet_step(c, "sd15", 1, 64, "float32", r),
+            ),
             row(
                 "sd15-unet",
                 "gpu",
