@@ -2,17 +2,34 @@
 
 Everything is written next to its destination under a temporary name and renamed into place at
 the end; on an error the temporary copy is removed and whatever was at the destination before is
-left as it was.
+left as it was. What is written gets the permissions a plain `open` or `mkdir` would give it
+(0666 or 0777 less the process's umask), not the owner-only ones of `tempfile`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def _temporary(path: Path, make: Callable[[Path], None]) -> Path:
+    """A new, unused name beside `path`, created by `make` (which fails if the name exists)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+        try:
+            make(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _new_file(tmp: Path) -> None:
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
 
 
 @contextlib.contextmanager
@@ -21,12 +38,11 @@ def new_folder(out) -> Iterator[Path]:
     existing one, which is moved aside first and then deleted)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private to its owner
+    tmp = _temporary(out, os.mkdir)
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old = _temporary(out, os.mkdir)
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old)
@@ -41,11 +57,10 @@ def write_file(path, write: Callable[[str], None]) -> None:
     """Calls `write(temporary_path)`, then renames the result to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary(path, _new_file)
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp.exists():
             os.unlink(tmp)
