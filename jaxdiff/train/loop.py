@@ -405,38 +405,58 @@ def train(
     key = jax.random.key(cfg.seed)
     logger = _Logger(workdir, start, cfg.steps, progress)
     losses = []
+    tick = time.perf_counter()
+
+    def finish(step: int, metrics: dict) -> None:
+        """Reads a dispatched step's metrics (waiting for it), checks and logs them."""
+        nonlocal tick
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        metrics["steps_per_sec"] = 1.0 / max(now - tick, 1e-9)
+        tick = now
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss) or not metrics.pop("params_finite"):
+            what = f"the loss is {loss}" if not np.isfinite(loss) else "a weight is not finite"
+            last = ckpt.latest_step()
+            raise NonFiniteError(
+                f"step {step}: {what}; stopped. The last checkpoint "
+                + (f"(step {last}) holds finite weights." if last else "does not exist.")
+            )
+        losses.append(loss)
+        logger.log(step, metrics)
+
+    # One step stays in flight: step k is queued behind step k-1 before the host waits for k-1's
+    # metrics, logs them and prepares the next batch, so the device does not wait for the host.
+    # Checkpoints and samples wait for their step first (the state is donated to the next one).
     try:
-        tick = time.perf_counter()
+        pending = None  # (step, metrics) dispatched and not yet read
+        batch = batches.next() if start < cfg.steps else None
         for step in range(start + 1, cfg.steps + 1):
-            state, metrics = step_fn(state, batches.next(), key)
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            metrics["steps_per_sec"] = 1.0 / max(now - tick, 1e-9)
-            tick = now
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss) or not metrics.pop("params_finite"):
-                what = f"the loss is {loss}" if not np.isfinite(loss) else "a weight is not finite"
-                last = ckpt.latest_step()
-                raise NonFiniteError(
-                    f"step {step}: {what}; stopped. The last checkpoint "
-                    + (f"(step {last}) holds finite weights." if last else "does not exist.")
-                )
-            losses.append(loss)
-            logger.log(step, metrics)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state, metrics = step_fn(state, batch, key)
+            if pending is not None:
+                finish(*pending)
+            pending = (step, metrics)
+            save = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            sample = sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0
+            if save or sample:
+                finish(*pending)
+                pending = None
+            if save:
                 ckpt.save(
                     step,
                     state.checkpointed(),
                     data={"position": batches.stream.position},
                     config=cfg.to_dict(),
                 )
-            if sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0:
+            if sample:
                 images = np.asarray(sample_fn(_sample_params(state)))
                 if jax.process_index() == 0:
                     path = save_grid(
                         images, workdir / "samples" / f"step_{step:06d}.png", cfg.num_samples
                     )
                     logger.image(step, path, images)
+            if step < cfg.steps:  # while the device runs this step
+                batch = batches.next()
     finally:
         logger.close()
         ckpt.close()
