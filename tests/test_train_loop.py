@@ -160,24 +160,27 @@ def test_checkpoint_round_trip_and_refuses_non_finite(tmp_path):
     ckpt.close()
 
 
-def _fake_training(monkeypatch, tmp_path, nan_at=None, events=None):
-    """`loop.train` with a step that only counts (loss NaN at step `nan_at`) and host-drawn
-    weights (no compile); `events` collects ("dispatch", step) and ("log", step) in order."""
+def test_nan_loss_stops_the_run_with_one_step_in_flight(tmp_path, monkeypatch):
+    """A non-finite loss stops the run with a clear message; later checkpoints are not written.
+
+    The loop keeps one step in flight: step k+1 is dispatched before step k's metrics are read,
+    except after a checkpoint's step (every 2 here), whose state is saved first. Step 4 is
+    dispatched before step 3's NaN is read; its result is dropped."""
     from jaxdiff.train import loop
 
-    events = [] if events is None else events
+    events = []  # ("dispatch", step) and ("log", step), in order
 
     def fake_jit(setup, shardings, mesh, step_fn=None):
         def step(state, batch, key):
             n = int(state.step) + 1
             events.append(("dispatch", n))
-            loss = np.nan if n == nan_at else 1.0
+            loss = np.nan if n == 3 else 1.0
             metrics = {"loss": loss, "grad_norm": 1.0, "learning_rate": 0.0, "params_finite": 1.0}
             return state.replace(step=state.step + 1), metrics
 
         return step
 
-    def cheap_state(run):
+    def cheap_state(run):  # host-drawn weights: no compile of the model's init
         from jaxdiff.models.build import random_params
         from jaxdiff.train.state import init_state
 
@@ -197,19 +200,8 @@ def _fake_training(monkeypatch, tmp_path, nan_at=None, events=None):
     cfg = apply_overrides(
         TrainConfig(), MICRO + [f"data_dir={data}", "steps=5", "checkpoint_every=2"]
     )
-    return lambda: loop.train(cfg, tmp_path / "run", progress=False)
-
-
-def test_nan_loss_stops_the_run_with_one_step_in_flight(tmp_path, monkeypatch):
-    """A non-finite loss stops the run with a clear message; later checkpoints are not written.
-
-    The loop keeps one step in flight: step k+1 is dispatched before step k's metrics are read,
-    except after a checkpoint's step (every 2 here), whose state is saved first. Step 4 is
-    dispatched before step 3's NaN is read; its result is dropped."""
-    events = []
-    train = _fake_training(monkeypatch, tmp_path, nan_at=3, events=events)
     with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan; stopped.*step 2"):
-        train()
+        loop.train(cfg, tmp_path / "run", progress=False)
     assert events == [
         ("dispatch", 1),
         ("dispatch", 2),
