@@ -78,6 +78,28 @@ def test_stream_is_deterministic_and_resumable(tmp_path):
     assert c.position == 4
 
 
+def test_a_batch_decodes_its_images_on_a_pool_of_threads(tmp_path, monkeypatch):
+    """Each image of a batch is decoded on the loader's threads, and the batch keeps the order."""
+    import threading
+
+    from jaxdiff.train import data
+
+    write_toy_dataset(tmp_path, count=6, size=24)
+    ds = ImageCaptionFolder.scan(tmp_path)
+    want = Stream(ds, 16, seed=1).batch(6)
+    threads, load = [], data.load_image
+
+    def recording(path, resolution):
+        threads.append(threading.current_thread().name)
+        return load(path, resolution)
+
+    monkeypatch.setattr(data, "load_image", recording)
+    got = Stream(ds, 16, seed=1).batch(6)
+    np.testing.assert_array_equal(got["images"], want["images"])
+    assert got["captions"] == want["captions"]
+    assert len(threads) == 6 and all(t.startswith("jaxdiff-decode") for t in threads), threads
+
+
 # ----------------------------------------------------------------------------- configs
 
 

@@ -177,14 +177,21 @@ class Batches:
 
         encode = jax.jit(encode, out_shardings=shd.replicated(run.mesh))
         b, n = run.cfg.batch_size, len(dataset)
-        from jaxdiff.train.data import load_image
+        from jaxdiff.train.data import load_image, parallel_map
 
-        chunks = []
+        def load(i):
+            return load_image(dataset.paths[i], run.cfg.resolution)
+
+        # The next chunk's images load while the devices encode this one.
+        chunks, pending = [], None
         for start in range(0, n, b):
             idx = [min(i, n - 1) for i in range(start + self.rows.start, start + self.rows.stop)]
-            images = np.stack([load_image(dataset.paths[i], run.cfg.resolution) for i in idx])
+            images = np.stack(parallel_map(load, idx))
             out = encode(state.frozen["vae"], shd.shard_batch(images, run.mesh, b))
-            chunks.append(np.asarray(out))
+            if pending is not None:
+                chunks.append(np.asarray(pending))
+            pending = out
+        chunks.append(np.asarray(pending))
         self.latents = np.concatenate(chunks)[:n]
 
 
