@@ -130,7 +130,11 @@ def crop_box(width: int, height: int, resolution: int) -> tuple[tuple[int, int],
 
 @functools.lru_cache(maxsize=1)
 def _decoders() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="jaxdiff-decode")
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may run on
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return ThreadPoolExecutor(min(16, cores), thread_name_prefix="jaxdiff-decode")
 
 
 def parallel_map(fn: Callable, items: Iterable) -> list:
