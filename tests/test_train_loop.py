@@ -97,7 +97,7 @@ def test_a_batch_decodes_its_images_on_a_pool_of_threads(tmp_path, monkeypatch):
     got = Stream(ds, 16, seed=1).batch(6)
     np.testing.assert_array_equal(got["images"], want["images"])
     assert got["captions"] == want["captions"]
-    assert len(threads) == 6 and all(t.startswith("jaxdiff-decode") for t in threads), threads
+    assert len(threads) == 6 and all(t.startswith("jaxdiff-worker") for t in threads), threads
 
 
 # ----------------------------------------------------------------------------- configs

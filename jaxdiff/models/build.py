@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import flax.linen as nn
@@ -18,6 +16,7 @@ from flax import traverse_util
 from jaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+from jaxdiff.threads import parallel_map
 
 _MODULES = (
     (UNetConfig, UNet2DConditionModel),
@@ -170,6 +169,5 @@ def random_params(config, seed: int = 0, param_dtype=np.float32):
             value = np.zeros(leaf.shape, np.float32)
         return value.astype(param_dtype, copy=False)
 
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        values = pool.map(draw, flat, flat.values(), seeds)
-        return traverse_util.unflatten_dict(dict(zip(flat, values, strict=True)))
+    values = parallel_map(draw, flat, flat.values(), seeds)
+    return traverse_util.unflatten_dict(dict(zip(flat, values, strict=True)))

@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import warnings
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from jaxdiff.threads import parallel_map
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -128,21 +127,6 @@ def crop_box(width: int, height: int, resolution: int) -> tuple[tuple[int, int],
     return size, (size[0] - resolution) // 2, (size[1] - resolution) // 2
 
 
-@functools.lru_cache(maxsize=1)
-def _decoders() -> ThreadPoolExecutor:
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may run on
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return ThreadPoolExecutor(min(16, cores), thread_name_prefix="jaxdiff-decode")
-
-
-def parallel_map(fn: Callable, items: Iterable) -> list:
-    """[fn(x) for x in items], in order, on a pool of threads: PIL releases the GIL while it
-    decodes and resizes, so a batch's images load on every core (docs/benchmarks.md)."""
-    return list(_decoders().map(fn, items))
-
-
 def load_image(path: Path, resolution: int) -> np.ndarray:
     """[resolution, resolution, 3] float32 in [-1, 1]: shorter side resized, center-cropped."""
     with Image.open(path) as img:
@@ -224,6 +208,7 @@ class Stream:
         examples = [self.example(k) for k in ks]
         self.position += global_batch
         return {
+            # Decoded on every core: PIL releases the GIL while it decodes and resizes.
             "images": np.stack(parallel_map(self._pixels, ks)),
             "captions": [self.dataset.captions[i] for i, _ in examples],
             "index": np.asarray([i for i, _ in examples], np.int64),

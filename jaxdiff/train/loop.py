@@ -177,7 +177,8 @@ class Batches:
 
         encode = jax.jit(encode, out_shardings=shd.replicated(run.mesh))
         b, n = run.cfg.batch_size, len(dataset)
-        from jaxdiff.train.data import load_image, parallel_map
+        from jaxdiff.threads import parallel_map
+        from jaxdiff.train.data import load_image
 
         def load(i):
             return load_image(dataset.paths[i], run.cfg.resolution)
