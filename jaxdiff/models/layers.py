@@ -15,6 +15,7 @@ precision), and as blocked matrix products on the CPU, where they measured 4.5x 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -256,6 +257,109 @@ def _attention_cpu(q, k, v, mask, is_causal):
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def _fused(q, k, v, is_causal):
+    """cuDNN's fused flash-attention kernel ([B, T, N, H] layout)."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+
+
+def _unfused(q, k, v, is_causal):
+    """XLA's attention (jax.nn.dot_product_attention's default implementation)."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+def _compile_error(fn, *args) -> str | None:
+    """None when `fn` compiles for `args` (shapes); "" when jax refuses it while tracing or
+    lowering (its documented limits); else the compile error's first line.
+
+    Any exception counts: a refused fused kernel is never worse than XLA's attention."""
+    try:
+        lowered = jax.jit(fn).lower(*args)
+    except Exception:  # every failure means: use XLA's attention
+        return ""
+    try:
+        lowered.compile()
+    except Exception as error:
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+@functools.cache
+def _cudnn_support(t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool) -> str:
+    """How much of cuDNN's fused attention compiles at these shapes, batch 1: "train" (forward
+    and backward), "forward", or "none".
+
+    jax checks the kernel's documented limits when it traces (the SD VAE's head of 512 is
+    refused there, silently). cuDNN can still refuse a graph when XLA compiles it ("No valid
+    engine configs for ...", on some GPU and cuDNN versions), and that error would fail the whole
+    program: the UNet, the sampler, the train step. A probe compile of the attention alone turns
+    it into a warning and XLA's attention, for the forward and the backward separately. Once per
+    shape and process (a cache load on a warm compilation cache).
+    """
+    q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
+    forward = functools.partial(_fused, is_causal=is_causal)
+
+    def forward_and_backward(q, k, v):
+        out, pull = jax.vjp(forward, q, k, v)
+        return out, pull(out)
+
+    backward_error = _compile_error(forward_and_backward, q, kv, kv)
+    if backward_error is None:
+        return "train"
+    forward_error = _compile_error(forward, q, kv, kv)
+    where = f"{t}x{s} tokens, {heads} heads of {head_dim}, {jnp.dtype(dtype).name}"
+    if forward_error is None:
+        if backward_error:
+            warnings.warn(
+                f"cuDNN's fused attention compiles at {where} but its backward does not "
+                f"({backward_error}); gradients there use XLA's attention",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "forward"
+    if forward_error:
+        warnings.warn(
+            f"cuDNN's fused attention does not compile at {where} ({forward_error}); "
+            "using XLA's attention there",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "none"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_forward_only(q, k, v, is_causal):
+    """cuDNN's forward with XLA's backward, where only cuDNN's forward compiles."""
+    return _fused(q, k, v, is_causal)
+
+
+def _fused_forward_only_fwd(q, k, v, is_causal):
+    return _fused(q, k, v, is_causal), (q, k, v)
+
+
+def _fused_forward_only_bwd(is_causal, residuals, cotangent):
+    _, pull = jax.vjp(functools.partial(_unfused, is_causal=is_causal), *residuals)
+    return pull(cotangent)
+
+
+_fused_forward_only.defvjp(_fused_forward_only_fwd, _fused_forward_only_bwd)
+
+
+def _attention_gpu(q, k, v, is_causal):
+    """cuDNN's fused kernel where it compiles (`_cudnn_support`), else XLA's attention."""
+    _, t, heads, head_dim = q.shape
+    support = _cudnn_support(t, k.shape[1], heads, head_dim, jnp.dtype(q.dtype), is_causal)
+    if support == "train":
+        return _fused(q, k, v, is_causal)
+    if support == "forward":
+        return _fused_forward_only(q, k, v, is_causal)
+    return _unfused(q, k, v, is_causal)
+
+
 def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
     """Multi-head scaled dot-product attention.
 
@@ -266,10 +370,11 @@ def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
 
     - CPU: `_attention_cpu` (matrix products, query-blocked for long sequences).
     - GPU, float16/bfloat16, no mask: `jax.nn.dot_product_attention(implementation="cudnn")`,
-      cuDNN's fused flash-attention kernel, where jax accepts the shapes (head dim a multiple of
-      8, at most 128, or 256 from Hopper on); otherwise, like every other case,
-      implementation=None, which is XLA's fusion in jax 0.10-0.12 (jax does not pick cuDNN by
-      itself). The SD VAE's one head of 512 takes that path.
+      cuDNN's fused flash-attention kernel, where it compiles at these shapes (jax's limits: head
+      dim a multiple of 8, at most 128, or 256 from Hopper on; then a probe compile, once per
+      shape, `_cudnn_support`); otherwise, like every other case, implementation=None, which is
+      XLA's fusion in jax 0.10-0.12 (jax does not pick cuDNN by itself). The SD VAE's one head of
+      512 takes that path.
     - TPU and float32 on GPU: `jax.nn.dot_product_attention` (XLA).
     """
     b, t, inner = q.shape
@@ -278,22 +383,15 @@ def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
     q = q.reshape(b, t, num_heads, head_dim)
     k = k.reshape(b, s, num_heads, head_dim)
     v = v.reshape(b, s, num_heads, head_dim)
-    backend = jax.default_backend()
+    backend = _backend()
     if backend == "cpu":
         out = _attention_cpu(q, k, v, mask, is_causal)
+    # Masked attention (CLIP's 77 tokens) gains nothing from the fused kernel, and a mask is
+    # where cuDNN's support varies by version.
+    elif backend == "gpu" and mask is None and q.dtype in (jnp.float16, jnp.bfloat16):
+        out = _attention_gpu(q, k, v, is_causal)
     else:
-        out = None
-        # Masked attention (CLIP's 77 tokens) gains nothing from the fused kernel, and a mask is
-        # where cuDNN's support varies by version.
-        if backend == "gpu" and mask is None and q.dtype in (jnp.float16, jnp.bfloat16):
-            try:
-                out = jax.nn.dot_product_attention(
-                    q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn"
-                )
-            except (NotImplementedError, RuntimeError, ValueError):
-                out = None  # shapes, GPU or cuDNN version that the fused kernel does not take
-        if out is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     return out.reshape(b, t, inner)
 
 
