@@ -336,7 +336,10 @@ class StableDiffusion:
 
     Parameters are replicated over a one-axis ("data") mesh of all devices and batches are split
     over it; `shard_params=True` shards the parameters too (FSDP-style), for models that do not
-    fit one device.
+    fit one device. `params` holds them, on the devices; `weights` keeps what else was loaded
+    (configs, scheduler config, tokenizers, model index, path) but not the host copy of the
+    parameters, which would hold a second copy of the model in host memory (on the CPU, twice
+    the model's size) for as long as the pipeline lives.
     """
 
     def __init__(
@@ -348,7 +351,7 @@ class StableDiffusion:
         name=None,
         devices=None,
     ):
-        self.weights = weights
+        self.weights = dataclasses.replace(weights, params={})
         self.configs = weights.configs
         self.dtype = jnp.dtype(dtype).name
         self.name = name or (weights.path.name if weights.path else "jaxdiff")
