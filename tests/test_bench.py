@@ -131,6 +131,25 @@ def test_every_issue_row_exists():
     assert {"sd15-train", "sdxl-train", "sd15-max-batch", "sdxl-max-batch"} <= gpu
     assert {r.device for r in bench.ROWS.values()} == {"cpu", "gpu", "opt-in"}
     assert bench.ROWS["sd15-unet-cpu"].device == "opt-in"
+    assert bench.ROWS["sd15-load-cpu"].device == "opt-in"
+
+
+def test_the_load_row_loads_in_a_fresh_process_per_run_with_its_peer():
+    """`sd15-load-cpu`'s code on the tiny preset (it runs only by name, so nothing else runs it):
+    a process per load, the peer (diffusers' `from_pretrained` of jaxdiff's folder) marked, and
+    each process's peak memory at least the parameters it loaded."""
+    from jaxdiff.bench.rows import model_load
+    from jaxdiff.convert.diffusers import random_pipeline
+
+    ctx = bench.Context(runs=1, warmup=0, log=lambda line: None)
+    results = bench.with_peer_ratios(model_load(ctx, "tiny", "load"))
+    assert [(r.impl, r.peer, len(r.runs_ms)) for r in results] == [
+        ("jaxdiff", False, 1),
+        ("diffusers", True, 1),
+    ]
+    params = sum(x.nbytes for x in jax.tree_util.tree_leaves(random_pipeline("tiny").params))
+    assert all(r.memory_bytes > params and r.median_ms > 0 for r in results)
+    assert "peak resident" in results[0].note and results[0].vs_peer > 0
 
 
 def test_run_writes_a_valid_report_and_survives_a_failing_row(tmp_path):

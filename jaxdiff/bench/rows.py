@@ -534,6 +534,106 @@ def attention_micro(ctx: Context, row: str, batch=2, tokens=4096, heads=8, head_
     return results
 
 
+# One load in a fresh process: imports first, then the load timed, with the process's memory
+# (/proc/self/status) sampled every 10 ms on a thread; one JSON line on stdout.
+_LOAD_CHILD = r"""
+import json, sys, threading, time
+
+impl, folder = sys.argv[1], sys.argv[2]
+FIELDS = {"RssAnon": "anon", "VmRSS": "resident"}
+
+
+def memory():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in FIELDS:
+                out[FIELDS[key]] = int(line.split()[1]) * 1024
+    return out
+
+
+if impl == "jaxdiff":
+    import jax
+    from jaxdiff.pipelines import load
+else:
+    import torch
+    from diffusers import DiffusionPipeline
+peak, done = memory(), threading.Event()
+
+
+def sample():
+    while not done.wait(0.01):
+        for k, v in memory().items():
+            peak[k] = max(peak.get(k, 0), v)
+
+
+threading.Thread(target=sample, daemon=True).start()
+start = time.perf_counter()
+if impl == "jaxdiff":
+    jax.block_until_ready(load(folder).params)
+else:
+    DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+seconds = time.perf_counter() - start
+done.set()
+for k, v in memory().items():
+    peak[k] = max(peak.get(k, 0), v)
+print(json.dumps({"seconds": seconds, "peak_anon": peak["anon"], "peak_resident": peak["resident"]}))
+"""
+
+
+def model_load(ctx: Context, preset: str, row: str):
+    """A diffusers-format folder of `preset` (random weights, float32, written once) loaded until
+    the parameters are ready to compute with, each load in a fresh process: seconds, and the
+    process's peak anonymous memory as `memory_bytes` (its peak resident memory, with the mapped
+    weight files, in the note). diffusers' `from_pretrained` maps the files and computes on the
+    mapping, so its anonymous memory stays small; jaxdiff's parameters are the anonymous memory.
+    Linux only (/proc)."""
+    import json
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from jaxdiff.convert import save_pipeline
+    from jaxdiff.convert.diffusers import random_pipeline
+
+    impls = ["jaxdiff"] + (["diffusers"] if ctx.compare and _have_peer() else [])
+    case = f"{preset} folder load, float32, to parameters ready"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jaxdiff-load-") as tmp:
+        folder = Path(tmp) / preset
+        save_pipeline(random_pipeline(preset, seed=0), folder)
+        for impl in impls:
+            runs = []
+            for i in range(ctx.warmup + ctx.runs):
+                out = subprocess.run(
+                    [sys.executable, "-c", _LOAD_CHILD, impl, str(folder)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                if i >= ctx.warmup:  # warm-ups fill the page cache
+                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            times = [1e3 * r["seconds"] for r in runs]
+            anon = max(r["peak_anon"] for r in runs)
+            resident = max(r["peak_resident"] for r in runs)
+            results.append(
+                Result(
+                    row,
+                    case,
+                    impl,
+                    round(statistics.median(times), 3),
+                    [round(t, 3) for t in times],
+                    memory_bytes=anon,
+                    peer=impl != "jaxdiff",
+                    note=f"memory: peak anonymous; peak resident {resident / 2**30:.2f} GiB",
+                )
+            )
+    return results
+
+
 def conv_micro(ctx: Context, row: str, batch=2, size=64, channels=320):
     """One 3x3 convolution, float32, NHWC (jax) against NCHW (torch's default)."""
     import jax
@@ -599,6 +699,13 @@ def _rows() -> dict[str, Row]:
                 "opt-in",
                 "SD 1.5 UNet step, b1, 512px, float32 (for the CPU; minutes)",
                 lambda c, r: unet_step(c, "sd15", 1, 64, "float32", r),
+            ),
+            # Loading SD 1.5 from a folder on a CPU: time and memory, a process per load.
+            row(
+                "sd15-load-cpu",
+                "opt-in",
+                "SD 1.5 folder load, float32, to parameters ready (fresh process; memory)",
+                lambda c, r: model_load(c, "sd15", r),
             ),
             row(
                 "sd15-unet",

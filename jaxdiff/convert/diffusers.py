@@ -204,6 +204,12 @@ class _SafetensorsFiles(Mapping):
         """Each tensor's file, for error messages."""
         return dict(self._where)
 
+    def close(self) -> None:
+        """Unmap the files."""
+        for handle in (*self._files.values(), *self._bf16_files.values()):
+            handle.__exit__(None, None, None)
+        self._files, self._bf16_files = {}, {}
+
 
 @contextlib.contextmanager
 def _reading(path):
@@ -278,10 +284,11 @@ def load_component(
         kind = KINDS[kind]
     config = _fix_projection(parse_config(kind, raw, str(config_path)), kind)
 
-    tensors = _SafetensorsFiles(_find_weight_files(folder, kind.weights_name, variant))
-    params = state_dict_to_params(
-        tensors, config, origin=tensors.origin(), param_dtype=param_dtype, where=folder
-    )
+    files = _find_weight_files(folder, kind.weights_name, variant)
+    with contextlib.closing(_SafetensorsFiles(files)) as tensors:
+        params = state_dict_to_params(
+            tensors, config, origin=tensors.origin(), param_dtype=param_dtype, where=folder
+        )
     return config, params
 
 
