@@ -1,5 +1,6 @@
 """One pool of host threads for work that releases the GIL while it runs: numpy filling random
-arrays (`jaxdiff.models.build.random_params`) and PIL decoding and resizing images
+arrays (`jaxdiff.models.build.random_params`) and copying loaded kernels out of PyTorch's layouts
+(`jaxdiff.convert.diffusers.host_array`), and PIL decoding and resizing images
 (`jaxdiff.train.data`). Sized to the cores this process may run on, at most 32."""
 
 from __future__ import annotations
