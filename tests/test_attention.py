@@ -89,6 +89,12 @@ def _ours(q, k, v):
     return layers.attention(q, k, v, num_heads=HEADS)
 
 
+def _run_ours_without_warnings(*args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return _run(_ours, *args)
+
+
 def _split(kernel):
     """`kernel` ([B, T, N, H]) on [B, T, N*H] inputs, as `layers.attention` calls it."""
 
@@ -114,9 +120,7 @@ def _assert_same(got, want, names=("out", "dq", "dk", "dv")):
 def test_the_fused_kernel_runs_where_it_compiles(gpu):
     gpu(_stand_in)
     args = _inputs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = _run(_ours, *args)
+    got = _run_ours_without_warnings(*args)
     _assert_same(got, _run(_split(_stand_in), *args))
     # The stand-in is what ran: XLA's attention of the same inputs differs.
     assert not np.allclose(got[0], _run(_split(_unfused), *args)[0], atol=0.1)
@@ -141,9 +145,7 @@ def test_a_forward_refused_at_compile_falls_back_to_xla_once_per_shape(gpu):
         got = _run(_ours, *args)
     _assert_same(got, _run(_split(_unfused), *args))
     # Another batch size at the same sequence lengths reuses the probe: no second warning.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = _run(_ours, *_inputs(batch=3))
+    again = _run_ours_without_warnings(*_inputs(batch=3))
     _assert_same(again, _run(_split(_unfused), *_inputs(batch=3)))
     assert layers._cudnn_support.cache_info().currsize == 1
 
@@ -152,9 +154,7 @@ def test_shapes_jax_refuses_while_tracing_fall_back_silently(gpu):
     """jax's documented limits (the SD VAE's head of 512) are no news: no warning."""
     gpu(_refused_while_tracing)
     args = _inputs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = _run(_ours, *args)
+    got = _run_ours_without_warnings(*args)
     _assert_same(got, _run(_split(_unfused), *args))
 
 
