@@ -612,8 +612,10 @@ def model_load(ctx: Context, preset: str, row: str):
                     [sys.executable, "-c", _LOAD_CHILD, impl, str(folder)],
                     capture_output=True,
                     text=True,
-                    check=True,
                 )
+                if out.returncode:
+                    last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                    raise RuntimeError(f"the {impl} load exited with {out.returncode}: {last}")
                 if i >= ctx.warmup:  # warm-ups fill the page cache
                     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             times = [1e3 * r["seconds"] for r in runs]
