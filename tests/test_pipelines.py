@@ -128,6 +128,28 @@ def test_the_pipeline_keeps_no_host_copy_of_its_parameters():
     assert pipe.generate("a cat", **KW).images.shape == (1, 32, 32, 3)
 
 
+def test_a_16_bit_pipeline_reads_its_weights_straight_into_its_dtype(model_dir, monkeypatch):
+    """`load(dtype="bfloat16")` makes no float32 copy of the model on the way (the loader reads
+    into bfloat16), and its parameters are exactly those of casting the float32 load."""
+    from jaxdiff.convert import diffusers as convert
+    from jaxdiff.convert import load_pipeline
+    from jaxdiff.pipelines import load
+
+    made = []
+    host_array = convert.host_array
+    monkeypatch.setattr(
+        convert, "host_array", lambda v, dtype: made.append(np.dtype(dtype)) or host_array(v, dtype)
+    )
+    half = load(model_dir, dtype="bfloat16")
+    assert set(made) == {jnp.dtype("bfloat16")}
+    monkeypatch.setattr(convert, "host_array", host_array)
+    cast = StableDiffusion(load_pipeline(model_dir), dtype="bfloat16")
+    got, want = (jax.tree_util.tree_leaves(p.params) for p in (half, cast))
+    assert all(g.dtype == jnp.bfloat16 for g in got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_negative_prompt_and_guidance_change_the_image(pipe):
     base = pipe.generate("a red circle", seed=4, **KW).images
     neg = pipe.generate("a red circle", seed=4, negative_prompt="blue", **KW).images

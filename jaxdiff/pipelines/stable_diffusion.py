@@ -784,7 +784,10 @@ def _place_params(weights: PipelineWeights, mesh, shard: bool, dtype: str = "flo
     params = weights.params
     if jnp.dtype(dtype).itemsize < 4:
         params = jax.tree_util.tree_map(
-            lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+            lambda p: (
+                p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype != dtype else p
+            ),
+            params,
         )
     if not shard:
         return jax.device_put(params, replicated(mesh))
@@ -820,7 +823,10 @@ def load(path=None, *, dtype="float32", variant=None, shard_params=False) -> Sta
         from jaxdiff.pipelines.bundled import bundled_model_dir
 
         path = bundled_model_dir()
-    weights = load_pipeline(path, variant=variant)
+    # A 16-bit pipeline stores its parameters in that dtype (`_place_params`): the loader reads
+    # them into it directly, not into float32 first.
+    param_dtype = jnp.dtype(dtype) if jnp.dtype(dtype).itemsize < 4 else np.float32
+    weights = load_pipeline(path, variant=variant, param_dtype=param_dtype)
     return StableDiffusion(weights, dtype=dtype, shard_params=shard_params, name=Path(path).name)
 
 
