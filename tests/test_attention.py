@@ -61,9 +61,9 @@ def _refused_while_tracing(q, k, v, is_causal):
 def gpu(monkeypatch):
     """layers believes it runs on a GPU, with `fused` as cuDNN's kernel; probes start afresh."""
     monkeypatch.setattr(layers, "_backend", lambda: "gpu")
-    layers._cudnn_support.cache_clear()
+    layers._cudnn_compiles.cache_clear()
     yield lambda fused: monkeypatch.setattr(layers, "_fused", fused)
-    layers._cudnn_support.cache_clear()
+    layers._cudnn_compiles.cache_clear()
 
 
 def _inputs(batch=BATCH):
@@ -117,14 +117,22 @@ def _assert_same(got, want, names=("out", "dq", "dk", "dv")):
         assert_close(g, w, name)
 
 
+def _probes():
+    return layers._cudnn_compiles.cache_info().currsize
+
+
 def test_the_fused_kernel_runs_where_it_compiles(gpu):
     gpu(_stand_in)
     args = _inputs()
+    # Sampling probes the forward alone; a gradient probes the backward too.
+    out = jax.jit(_ours)(*args[:3])
+    assert _probes() == 1
     got = _run_ours_without_warnings(*args)
+    assert _probes() == 2
     _assert_same(got, _run(_split(_stand_in), *args))
+    assert_close(out.astype(np.float32), got[0], "out")
     # The stand-in is what ran: XLA's attention of the same inputs differs.
     assert not np.allclose(got[0], _run(_split(_unfused), *args)[0], atol=0.1)
-    assert layers._cudnn_support.cache_info().currsize == 1
 
 
 def test_a_backward_refused_at_compile_falls_back_to_xla_for_the_gradients_only(gpu):
@@ -147,7 +155,7 @@ def test_a_forward_refused_at_compile_falls_back_to_xla_once_per_shape(gpu):
     # Another batch size at the same sequence lengths reuses the probe: no second warning.
     again = _run_ours_without_warnings(*_inputs(batch=3))
     _assert_same(again, _run(_split(_unfused), *_inputs(batch=3)))
-    assert layers._cudnn_support.cache_info().currsize == 1
+    assert _probes() == 1  # the forward's; nothing probes a backward it will not use
 
 
 def test_shapes_jax_refuses_while_tracing_fall_back_silently(gpu):
@@ -165,4 +173,4 @@ def test_float32_and_masked_attention_on_gpu_never_probe_the_fused_kernel(gpu):
     _assert_same(got, _run(_split(_unfused), q, k, v, cotangent))
     mask = jnp.ones((BATCH, 1, 1, CONTEXT), bool).at[1, ..., -3:].set(False)
     layers.attention(*_inputs()[:3], num_heads=HEADS, mask=mask)
-    assert layers._cudnn_support.cache_info().currsize == 0
+    assert _probes() == 0

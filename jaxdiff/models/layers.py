@@ -288,16 +288,18 @@ def _compile_error(fn, *args) -> str | None:
 
 
 @functools.cache
-def _cudnn_support(t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool) -> str:
-    """How much of cuDNN's fused attention compiles at these shapes, batch 1: "train" (forward
-    and backward), "forward", or "none".
+def _cudnn_compiles(
+    part: str, t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool
+) -> bool:
+    """Whether cuDNN's fused attention compiles at these shapes (batch 1): its forward (`part`
+    "forward"), or its forward with its backward ("backward").
 
     jax checks the kernel's documented limits when it traces (the SD VAE's head of 512 is
     refused there, silently). cuDNN can still refuse a graph when XLA compiles it ("No valid
     engine configs for ...", on some GPU and cuDNN versions), and that error would fail the whole
     program: the UNet, the sampler, the train step. A probe compile of the attention alone turns
-    it into a warning and XLA's attention, for the forward and the backward separately. Once per
-    shape and process (a cache load on a warm compilation cache).
+    it into a warning and XLA's attention. Once per shape and process (a cache load on a warm
+    compilation cache); the backward only where something differentiates the attention.
     """
     q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
@@ -307,56 +309,56 @@ def _cudnn_support(t: int, s: int, heads: int, head_dim: int, dtype, is_causal: 
         out, pull = jax.vjp(forward, q, k, v)
         return out, pull(out)
 
-    backward_error = _compile_error(forward_and_backward, q, kv, kv)
-    if backward_error is None:
-        return "train"
-    forward_error = _compile_error(forward, q, kv, kv)
-    where = f"{t}x{s} tokens, {heads} heads of {head_dim}, {jnp.dtype(dtype).name}"
-    if forward_error is None:
-        if backward_error:
-            warnings.warn(
-                f"cuDNN's fused attention compiles at {where} but its backward does not "
-                f"({backward_error}); gradients there use XLA's attention",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return "forward"
-    if forward_error:
-        warnings.warn(
-            f"cuDNN's fused attention does not compile at {where} ({forward_error}); "
-            "using XLA's attention there",
-            RuntimeWarning,
-            stacklevel=3,
+    error = _compile_error(forward if part == "forward" else forward_and_backward, q, kv, kv)
+    if error:
+        where = f"{t}x{s} tokens, {heads} heads of {head_dim}, {jnp.dtype(dtype).name}"
+        what = (
+            "does not compile at {where} ({error}); using XLA's attention there"
+            if part == "forward"
+            else "compiles at {where} but its backward does not ({error}); gradients there use "
+            "XLA's attention"
         )
-    return "none"
+        warnings.warn(
+            "cuDNN's fused attention " + what.format(where=where, error=error),
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return error is None
+
+
+def _probe_key(q, k, is_causal):
+    _, t, heads, head_dim = q.shape
+    return t, k.shape[1], heads, head_dim, jnp.dtype(q.dtype), is_causal
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_forward_only(q, k, v, is_causal):
-    """cuDNN's forward with XLA's backward, where only cuDNN's forward compiles."""
+def _fused_checked(q, k, v, is_causal):
+    """cuDNN's kernel, whose forward is known to compile; differentiated, its backward where that
+    compiles too, else XLA's backward (from the inputs)."""
     return _fused(q, k, v, is_causal)
 
 
-def _fused_forward_only_fwd(q, k, v, is_causal):
-    return _fused(q, k, v, is_causal), (q, k, v)
+def _fused_checked_fwd(q, k, v, is_causal):
+    if _cudnn_compiles("backward", *_probe_key(q, k, is_causal)):
+        out, pull = jax.vjp(functools.partial(_fused, is_causal=is_causal), q, k, v)
+        return out, (None, pull)
+    return _fused(q, k, v, is_causal), ((q, k, v), None)
 
 
-def _fused_forward_only_bwd(is_causal, residuals, cotangent):
-    _, pull = jax.vjp(functools.partial(_unfused, is_causal=is_causal), *residuals)
+def _fused_checked_bwd(is_causal, residuals, cotangent):
+    inputs, pull = residuals
+    if pull is None:
+        _, pull = jax.vjp(functools.partial(_unfused, is_causal=is_causal), *inputs)
     return pull(cotangent)
 
 
-_fused_forward_only.defvjp(_fused_forward_only_fwd, _fused_forward_only_bwd)
+_fused_checked.defvjp(_fused_checked_fwd, _fused_checked_bwd)
 
 
 def _attention_gpu(q, k, v, is_causal):
-    """cuDNN's fused kernel where it compiles (`_cudnn_support`), else XLA's attention."""
-    _, t, heads, head_dim = q.shape
-    support = _cudnn_support(t, k.shape[1], heads, head_dim, jnp.dtype(q.dtype), is_causal)
-    if support == "train":
-        return _fused(q, k, v, is_causal)
-    if support == "forward":
-        return _fused_forward_only(q, k, v, is_causal)
+    """cuDNN's fused kernel where it compiles (`_cudnn_compiles`), else XLA's attention."""
+    if _cudnn_compiles("forward", *_probe_key(q, k, is_causal)):
+        return _fused_checked(q, k, v, is_causal)
     return _unfused(q, k, v, is_causal)
 
 
@@ -372,7 +374,7 @@ def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
     - GPU, float16/bfloat16, no mask: `jax.nn.dot_product_attention(implementation="cudnn")`,
       cuDNN's fused flash-attention kernel, where it compiles at these shapes (jax's limits: head
       dim a multiple of 8, at most 128, or 256 from Hopper on; then a probe compile, once per
-      shape, `_cudnn_support`); otherwise, like every other case, implementation=None, which is
+      shape, `_cudnn_compiles`); otherwise, like every other case, implementation=None, which is
       XLA's fusion in jax 0.10-0.12 (jax does not pick cuDNN by itself). The SD VAE's one head of
       512 takes that path.
     - TPU and float32 on GPU: `jax.nn.dot_product_attention` (XLA).
