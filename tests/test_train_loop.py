@@ -78,15 +78,25 @@ def test_stream_is_deterministic_and_resumable(tmp_path):
     assert c.position == 4
 
 
+def _expected_rows(ds, batch):
+    """Each row's image decoded directly from its dataset index (flipped as the row says)."""
+    from jaxdiff.train.data import load_image
+
+    return [
+        load_image(ds.paths[i], 16)[:, ::-1] if f else load_image(ds.paths[i], 16)
+        for i, f in zip(batch["index"], batch["flip"], strict=True)
+    ]
+
+
 def test_a_batch_decodes_its_images_on_a_pool_of_threads(tmp_path, monkeypatch):
-    """Each image of a batch is decoded on the loader's threads, and the batch keeps the order."""
+    """Each image of a batch is decoded on the loader's threads, and every row keeps its own
+    image, caption and index, as one thread decoding them in order gives."""
     import threading
 
     from jaxdiff.train import data
 
     write_toy_dataset(tmp_path, count=6, size=24)
     ds = ImageCaptionFolder.scan(tmp_path)
-    want = Stream(ds, 16, seed=1).batch(6)
     threads, load = [], data.load_image
 
     def recording(path, resolution):
@@ -95,9 +105,29 @@ def test_a_batch_decodes_its_images_on_a_pool_of_threads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "load_image", recording)
     got = Stream(ds, 16, seed=1).batch(6)
-    np.testing.assert_array_equal(got["images"], want["images"])
-    assert got["captions"] == want["captions"]
     assert len(threads) == 6 and all(t.startswith("jaxdiff-worker") for t in threads), threads
+    monkeypatch.setattr(data, "parallel_map", lambda fn, items: list(map(fn, items)))
+    want = Stream(ds, 16, seed=1).batch(6)
+    for key in ("images", "index", "flip"):
+        np.testing.assert_array_equal(got[key], want[key])
+    assert got["captions"] == want["captions"]
+    np.testing.assert_array_equal(got["images"], np.stack(_expected_rows(ds, got)))
+
+
+def test_an_image_that_fails_to_decode_is_replaced_with_its_caption(tmp_path):
+    """An image broken after the scan: its row takes the next good image of the epoch, and that
+    image's caption and index, never the broken image's caption on another image's pixels."""
+    write_toy_dataset(tmp_path, count=4, size=24)
+    ds = ImageCaptionFolder.scan(tmp_path)
+    first = Stream(ds, 16, seed=2).batch(4)
+    broken = int(first["index"][1])
+    ds.paths[broken].write_bytes(ds.paths[broken].read_bytes()[:40])  # a truncated file
+    with pytest.warns(CorruptImageWarning, match=ds.paths[broken].name):
+        got = Stream(ds, 16, seed=2).batch(4)
+    assert broken not in got["index"].tolist()
+    assert got["index"][1] == first["index"][2]  # the next image of the epoch's order
+    assert got["captions"] == [ds.captions[i] for i in got["index"]]
+    np.testing.assert_array_equal(got["images"], np.stack(_expected_rows(ds, got)))
 
 
 # ----------------------------------------------------------------------------- configs

@@ -178,25 +178,28 @@ class Stream:
             self.random_flip and _flip_bits(n, self.seed, epoch)[i]
         )
 
-    def _pixels(self, k: int) -> np.ndarray:
+    def _pixels(self, k: int) -> tuple[int, np.ndarray]:
+        """(the dataset index decoded, its pixels) for stream position k: the next good image of
+        this epoch's order where k's own image fails to decode."""
         n = len(self.dataset)
         epoch, i = divmod(k, n)
         order = _epoch_order(n, self.seed, epoch)
         _, flip = self.example(k)
-        for step in range(n):  # the next good image of this epoch's order, if this one fails
+        for step in range(n):
             index = int(order[(i + step) % n])
             try:
                 pixels = load_image(self.dataset.paths[index], self.resolution)
                 break
             except Exception as e:
+                # Raised on a worker thread (`batch`): the warning names this line.
                 warnings.warn(
                     f"skipped corrupt image {self.dataset.paths[index]}: {e}",
                     CorruptImageWarning,
-                    stacklevel=3,
+                    stacklevel=1,
                 )
         else:
             raise DataError(f"no readable images in {self.dataset.root}")
-        return pixels[:, ::-1] if flip else pixels
+        return index, pixels[:, ::-1] if flip else pixels
 
     def batch(self, global_batch: int, rows: slice | None = None) -> dict[str, np.ndarray]:
         """The next global batch (or just `rows` of it, this host's share); advances position.
@@ -205,14 +208,16 @@ class Stream:
         """
         rows = rows or slice(0, global_batch)
         ks = range(self.position + rows.start, self.position + rows.stop)
-        examples = [self.example(k) for k in ks]
+        flips = [self.example(k)[1] for k in ks]
         self.position += global_batch
+        # Decoded on every core: PIL releases the GIL while it decodes and resizes. A row whose
+        # image failed holds the image decoded in its place, with that image's caption and index.
+        decoded = parallel_map(self._pixels, ks)
         return {
-            # Decoded on every core: PIL releases the GIL while it decodes and resizes.
-            "images": np.stack(parallel_map(self._pixels, ks)),
-            "captions": [self.dataset.captions[i] for i, _ in examples],
-            "index": np.asarray([i for i, _ in examples], np.int64),
-            "flip": np.asarray([f for _, f in examples], bool),
+            "images": np.stack([pixels for _, pixels in decoded]),
+            "captions": [self.dataset.captions[i] for i, _ in decoded],
+            "index": np.asarray([i for i, _ in decoded], np.int64),
+            "flip": np.asarray(flips, bool),
         }
 
 
