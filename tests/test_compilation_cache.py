@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention import _missing_kernel
 
 from jaxdiff import compilation_cache
 from jaxdiff.models import build
@@ -70,6 +71,40 @@ def test_one_shot_compile_gives_the_same_parameters(monkeypatch):
     assert len(leaves) == len(reference) > 10
     for a, b in zip(leaves, reference, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _init_reading_the_threefry_option(seen, refuse_kernel):
+    """A jitted draw that notes `jax_threefry_gpu_kernel_lowering` when lowered; with
+    `refuse_kernel`, it fails to compile under that option, as on a jaxlib without the kernel."""
+
+    def init(key):
+        on = build._threefry_kernel_lowering().value
+        seen.append(on)
+        x = jax.random.normal(key, (4, 3))
+        return _missing_kernel(x, x)[0] if on and refuse_kernel else x
+
+    return jax.jit(init)
+
+
+@pytest.mark.parametrize(
+    "platform, refuse_kernel, expected",
+    [("gpu", False, [True]), ("gpu", True, [True, False]), ("cpu", False, [False])],
+)
+def test_one_shot_compile_draws_through_the_threefry_kernel_on_gpus(
+    platform, refuse_kernel, expected
+):
+    """On a GPU, initializers lower their random draws to jax's precompiled threefry kernel (the
+    unrolled default compiles a kernel per draw); where that does not compile, the default
+    lowering. The draws are the same either way."""
+    seen = []
+    key = jax.random.key(3)
+    jitted = _init_reading_the_threefry_option(seen, refuse_kernel)
+    compiled = build.compile_one_shot(jitted, key, platform=platform)
+    assert seen == expected
+    np.testing.assert_array_equal(
+        np.asarray(compiled(key)), np.asarray(jax.random.normal(key, (4, 3)))
+    )
+    assert build._threefry_kernel_lowering().value is False  # restored
 
 
 def _leaves(boxed):

@@ -125,16 +125,44 @@ def logical_axes(config):
 ONE_SHOT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
+# On GPUs jax lowers the threefry hash to an unrolled XLA expression, one kernel per random draw,
+# and an initializer has hundreds: the SD 1.5 train state's init did not finish compiling in 100 s
+# on an H200 (docs/benchmarks.md, session 11; 25 s on this CPU, where the hash is a rolled loop).
+# jax's own CUDA and ROCm kernel for the hash is compiled already and gives the same bits
+# (`jax_threefry_gpu_kernel_lowering`, off by default; it reads its option when lowering).
+KERNEL_THREEFRY_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def _threefry_kernel_lowering():
+    """jax's context manager for `jax_threefry_gpu_kernel_lowering`, or None where this jax has
+    none (it is not public API)."""
+    from jax._src import config
+
+    return getattr(config, "threefry_gpu_kernel_lowering", None)
+
+
 def compile_one_shot(jitted, *args, platform: str | None = None):
-    """`jitted` lowered and compiled for `args`, with the platform's one-shot compiler options
-    (`ONE_SHOT_COMPILER_OPTIONS`): for initializers, which run once and compile many kernels.
-    Under a transformation (`jax.eval_shape`, an outer `jit`) `jitted` itself is returned, to
-    be traced into the caller's program."""
+    """`jitted` lowered and compiled for `args` as an initializer, which runs once and compiles
+    many kernels: with the platform's one-shot compiler options (`ONE_SHOT_COMPILER_OPTIONS`),
+    and on a GPU with random draws through jax's precompiled threefry kernel (falling back to
+    the default lowering if that does not compile). Under a transformation (`jax.eval_shape`, an
+    outer `jit`) `jitted` itself is returned, to be traced into the caller's program."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
         return jitted
-    options = ONE_SHOT_COMPILER_OPTIONS.get(platform or jax.default_backend())
-    lowered = jitted.lower(*args)
-    return lowered.compile(compiler_options=options) if options else lowered.compile()
+    platform = platform or jax.default_backend()
+    options = ONE_SHOT_COMPILER_OPTIONS.get(platform)
+
+    def compile(lowered):
+        return lowered.compile(compiler_options=options) if options else lowered.compile()
+
+    kernel_lowering = _threefry_kernel_lowering()
+    if platform in KERNEL_THREEFRY_PLATFORMS and kernel_lowering is not None:
+        try:
+            with kernel_lowering(True):
+                return compile(jitted.lower(*args))
+        except Exception:  # no such kernel in this jaxlib: the default lowering below
+            pass
+    return compile(jitted.lower(*args))
 
 
 def init_params(config, key, param_dtype=jnp.float32):
