@@ -12,10 +12,11 @@ Random weights at the real sizes; nothing is downloaded. Two sets of rows:
 How a figure is made: a jax program is lowered and compiled first (`compile_s`; the persistent
 compilation cache is off unless asked for, so this is a cold compile), then called `warmup`
 times, then `runs` times, each call ending in `block_until_ready` (torch: `cuda.synchronize`);
-the figure is the median. FLOPs are XLA's cost analysis of the compiled program; a GPU whose
-dense bf16 peak is known gets model FLOPs utilization, anything else achieved GFLOP/s. XLA
-counts a loop body once, so rows whose program loops (the blocked CPU attention, the sampler's
-scan) give analytic FLOPs or none. `memory_bytes` is the compiled program's arguments, outputs
+the figure is the median. FLOPs are model FLOPs counted from the traced program
+(`jaxpr_flops`: its matrix products, convolutions and cuDNN attention, loops times their length;
+XLA's cost analysis of the compiled program leaves out on a GPU what it hands to cuBLAS and
+cuDNN); a GPU whose dense bf16 peak is known gets model FLOPs utilization, anything else
+achieved GFLOP/s. `memory_bytes` is the compiled program's arguments, outputs
 and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none. `page_faults`
 and `system_ms` are the process's minor page faults and system CPU time per timed call (where
 the `resource` module exists): what the kernel spends mapping fresh memory. Started as
@@ -57,6 +58,7 @@ from jaxdiff.bench.harness import (
     Timing,
     environment,
     flops_of,
+    jaxpr_flops,
     measure_jax,
     measure_torch,
     memory_of,
@@ -106,6 +108,7 @@ __all__ = [
     "device_budget",
     "environment",
     "flops_of",
+    "jaxpr_flops",
     "largest_batch",
     "main",
     "max_batch_sampling",

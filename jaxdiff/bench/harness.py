@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -84,7 +85,7 @@ class Result:
     runs_ms: list[float]
     compile_s: float | None = None
     flops: float | None = None  # per call
-    flops_source: str | None = None  # "xla" (cost analysis) or "analytic"
+    flops_source: str | None = None  # "jaxpr" (`jaxpr_flops`), "xla" (cost analysis), "analytic"
     gflops_per_s: float | None = None
     mfu: float | None = None  # model FLOPs utilization, known GPUs only
     memory_bytes: int | None = None
@@ -125,6 +126,50 @@ def flops_of(compiled) -> float | None:
         return None
     flops = cost.get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+# cuDNN's fused attention: jax's primitives (named from jax 0.4.31 to 0.11), their inputs q and k
+# as [B, T, N, H] and [B, S, N, H]; the forward's two products are 4 B N T S H FLOPs, and a
+# backward counts twice its forward (model FLOPs, without the kernel's recompute).
+_FUSED_ATTENTION = (("dot_product_attention_fwd", 1), ("dot_product_attention_bwd", 2))
+
+
+def _eqn_flops(eqn) -> float:
+    """Matrix products and convolutions of one jaxpr equation (2 per multiply-add), with the
+    sub-programs it calls: scan bodies times their length, the costliest branch of a cond."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    if name == "conv_general_dilated":
+        rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+        kernel = eqn.invars[1].aval.shape
+        window = kernel[rhs_spec[1]] * math.prod(kernel[d] for d in rhs_spec[2:])
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * window
+    for prefix, factor in _FUSED_ATTENTION:
+        if name.startswith(prefix):
+            b, t, n, h = eqn.invars[0].aval.shape
+            return factor * 4.0 * b * n * t * eqn.invars[1].aval.shape[1] * h
+    if name == "cond":
+        return max(jaxpr_flops(branch) for branch in eqn.params["branches"])
+    total = sum(jaxpr_flops(v) for v in eqn.params.values() if _is_jaxpr(v))
+    return total * eqn.params["length"] if name == "scan" else total
+
+
+def _is_jaxpr(value) -> bool:
+    return hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns")
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Model FLOPs of a (closed) jaxpr: its matrix products, convolutions and cuDNN fused
+    attention, 2 per multiply-add, wherever they sit (jit, remat, custom VJP, scan, cond). The
+    program as traced, before XLA's rewrites: on a GPU, XLA's cost analysis of the compiled
+    program leaves out what it hands to cuBLAS and cuDNN (on an H200 it gave SD 1.5's UNet 150
+    GFLOP at batch 2 and 223 at batch 16, for 1,581 and 12,649; docs/benchmarks.md, session 11).
+    A while loop's body counts once."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return float(sum(_eqn_flops(eqn) for eqn in jaxpr.eqns))
 
 
 def memory_of(compiled) -> int | None:
@@ -197,13 +242,14 @@ def measure_jax(
 
     carry: `fn` returns (new first argument, other outputs), as a train step with its state
         donated does; each call then feeds the new first argument to the next.
-    flops: analytic FLOPs per call, for programs whose cost analysis counts a loop body once.
+    flops: analytic FLOPs per call, in place of the traced program's count (`jaxpr_flops`).
     """
     import jax
 
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate_argnums)
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    traced = jitted.trace(*args)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     state = list(args)
 
@@ -214,7 +260,12 @@ def measure_jax(
         jax.block_until_ready(out)
 
     timing = time_calls(call, runs=ctx.runs, warmup=ctx.warmup)
-    xla_flops = flops_of(compiled)
+    # The traced program's count; XLA's cost analysis only where the jaxpr has no products.
+    source, value = "analytic", flops
+    if not value:
+        source, value = "jaxpr", jaxpr_flops(traced.jaxpr)
+    if not value:
+        source, value = "xla", flops_of(compiled)
     result = Result.from_timing(
         row,
         case,
@@ -222,8 +273,8 @@ def measure_jax(
         timing,
         compile_s=compile_s,
         items=items,
-        flops=flops or xla_flops,
-        flops_source=("analytic" if flops else "xla") if (flops or xla_flops) else None,
+        flops=value or None,
+        flops_source=source if value else None,
         memory_bytes=memory_of(compiled),
     )
     return _rates(result, ctx.device_kind, low_precision)
