@@ -378,3 +378,20 @@ def test_the_gpu_script_refuses_a_bad_phase_or_budget_in_one_line(argv):
     out = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "gpu_bench.sh:" in out.stderr
+
+
+def test_the_train_rows_start_from_weights_drawn_on_the_host():
+    """The train rows time the step: the UNet starts from `random_params`, as the other rows'
+    models, not from the train state's initializer, whose compile (a kernel per random draw)
+    outlasted a GPU group's time."""
+    from jaxdiff.bench.rows import _jaxdiff_train_step
+    from jaxdiff.models.build import random_params
+
+    step, state, batch, key, run = _jaxdiff_train_step("tiny", 32, 2, "float32")
+    drawn = jax.tree_util.tree_leaves(random_params(run.setup.configs["unet"]))
+    leaves = jax.tree_util.tree_leaves(state.params["unet"])
+    assert len(leaves) == len(drawn) > 10
+    for ours, host in zip(leaves, drawn, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), host)
+    state, metrics = step(state, batch, key)
+    assert np.isfinite(float(metrics["loss"]))

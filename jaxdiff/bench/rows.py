@@ -6,6 +6,7 @@ Each row measures with `jaxdiff.bench.harness` and returns its `Result`s; `ROWS`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from unittest import mock
@@ -344,13 +345,19 @@ def _jaxdiff_train_step(preset: str, resolution: int, batch: int, dtype_name: st
     import numpy as np
 
     from jaxdiff import sharding as shd
+    from jaxdiff.models.build import random_params
     from jaxdiff.train.data import sdxl_time_ids
     from jaxdiff.train.loop import fresh_state, prepare
     from jaxdiff.train.step import jit_train_step
 
     mesh = _one_device_mesh()
     run = prepare(_train_config(preset, resolution, batch, dtype_name, remat), mesh)
-    state = fresh_state(run)
+    # The trained components start from weights drawn on the host (`random_params`, as the other
+    # rows' models), not from the train state's initializer: the row times the step, and that
+    # initializer compiles a kernel per random draw (on an H200, SD 1.5's had not compiled after
+    # 100 s; docs/benchmarks.md, session 11).
+    pretrained = {name: random_params(run.setup.configs[name]) for name in run.pretrained}
+    state = fresh_state(dataclasses.replace(run, pretrained=pretrained))
     step = jit_train_step(run.setup, run.state_shardings, mesh)
     h, w, c = run.setup.latent_shape
     rng = np.random.default_rng(0)
