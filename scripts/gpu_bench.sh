@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The prepared GPU run of issue 7 (docs/benchmarks.md, "GPU: prepared"), for a session that is
-# lent the device machine, whose 15 minutes of device time include the machine's start. One phase
-# per device command, each inside a total of SECONDS; its groups of rows run in priority order,
-# each in its own process, each limited to what is left of SECONDS less what the groups after it
-# are promised. A report is rewritten after every row, so a group stopped at its limit keeps the
-# rows it finished. Reports and logs go to $OUT (at most 8 files come back).
+# The prepared GPU run of issue 7 (docs/benchmarks.md, "GPU: the prepared run"), for a session
+# that is lent the device machine, whose 15 minutes of device time include the machine's start.
+# One phase per device command, each inside a total of SECONDS; its groups of rows run in priority
+# order, each in its own process, each limited to what is left of SECONDS less what the groups
+# after it are promised. A report is rewritten after every row, so a group stopped at its limit
+# keeps the rows it finished. Reports and logs go to $OUT (at most 8 files come back).
 #
 #   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
 #   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat, the largest batches
+#   bash scripts/gpu_bench.sh profile [SECONDS]   # traces of the UNet steps (profile_summary.py)
 #
 # SECONDS defaults to 540. diffusers travels as wheels in .whl/ (carry ".whl"; see
 # docs/benchmarks.md for the download). GPU_BENCH_DRY=1 prints each group's command and limit
@@ -15,8 +16,8 @@
 set -u
 phase=${1:-targets}
 total=${2:-540}
-if [[ "$phase" != targets && "$phase" != memory ]]; then
-    echo "gpu_bench.sh: unknown phase '$phase' (targets or memory)" >&2
+if [[ "$phase" != targets && "$phase" != memory && "$phase" != profile ]]; then
+    echo "gpu_bench.sh: unknown phase '$phase' (targets, memory or profile)" >&2
     exit 2
 fi
 if ! [[ "$total" =~ ^[0-9]+$ ]] || ((total < 60)); then
@@ -87,6 +88,16 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group sdxl-train 240 120 --rows sdxl-train --compare
         group sd15-max-batch 180 60 --rows sd15-max-batch
         group sdxl-max-batch "$total" 0 --rows sdxl-max-batch
+        ;;
+    profile)
+        # jax's profiler around 3 calls of each UNet case (SD 1.5 b2 and b16, SDXL b2 and b8),
+        # after a shorter timing; the traces and their summary come back for the work here.
+        group profile "$total" 0 --rows sd15-unet sdxl-unet --no-compare --runs 3 --warmup 1 \
+            --profile "$OUT"
+        if [[ "$dry" != 1 ]]; then
+            python3 scripts/profile_summary.py "$OUT"/*.xplane.pb --top 25 \
+                > "$OUT/profile-summary.txt" 2>> "$log"
+        fi
         ;;
 esac
 [[ "$dry" == 1 ]] || tail -n 60 "$log"

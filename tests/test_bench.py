@@ -348,7 +348,7 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     covered = []
-    for phase, total in (("targets", 540), ("memory", 300)):
+    for phase, total in (("targets", 540), ("memory", 300), ("profile", 200)):
         out = subprocess.run(
             ["bash", str(script), phase, str(total)],
             env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
@@ -395,3 +395,72 @@ def test_the_train_rows_start_from_weights_drawn_on_the_host():
         np.testing.assert_array_equal(np.asarray(ours), host)
     state, metrics = step(state, batch, key)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def _small_conv_row(monkeypatch):
+    monkeypatch.setitem(
+        bench.ROWS,
+        "small-conv",
+        bench.Row(
+            "small-conv",
+            "cpu",
+            "a small conv",
+            lambda ctx, name: bench.conv_micro(ctx, name, batch=1, size=8, channels=8),
+        ),
+    )
+
+
+def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jaxdiff.bench import profile
+
+    _small_conv_row(monkeypatch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    folder = tmp_path / "traces"
+    args = ["--rows", "small-conv", "--runs", "2", "--warmup", "0", "--no-compare"]
+    bench.main(parser.parse_args([*args, "--profile", str(folder)]))
+    name = "small-conv-conv-3x3-b1-8x8-8-8-float32.xplane.pb"
+    assert [p.name for p in folder.iterdir()] == [name]
+    summary = profile.summarize(folder / name)
+    assert [p["plane"] for p in summary["planes"]] == ["/host:CPU"]
+    lines = summary["planes"][0]["lines"]
+    # The 3 traced calls, each one execution of the compiled program.
+    executions = [
+        e for line in lines for e in line["top"] if e["name"].startswith("PjitFunction")
+    ] or [e for line in lines for e in line["top"] if "Execute" in e["name"]]
+    assert executions and executions[0]["count"] % profile.PROFILE_CALLS == 0
+    for line in lines:
+        totals = [e["total_ms"] for e in line["top"]]
+        assert totals == sorted(totals, reverse=True)
+        assert sum(e["share"] for e in line["top"]) <= 1 + 1e-9
+    script = Path(__file__).parents[1] / "scripts" / "profile_summary.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(folder / name), "--top", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "/host:CPU |" in out.stdout, out.stderr
+
+
+def test_profile_refuses_a_folder_it_cannot_create_and_a_file_it_cannot_read(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="--profile"):
+        bench.main(parser.parse_args(["--rows", "tiny-unet", "--profile", str(blocker / "x")]))
+    script = Path(__file__).parents[1] / "scripts" / "profile_summary.py"
+    for path in (tmp_path / "missing.xplane.pb", blocker):
+        out = subprocess.run(
+            [sys.executable, str(script), str(path)], capture_output=True, text=True
+        )
+        assert out.returncode == 2, out
+        assert len(out.stderr.strip().splitlines()) == 1 and str(path) in out.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 
 from jaxdiff.bench.harness import GPU_XLA_FLAGS, Context, Result, Row, run, table
 from jaxdiff.bench.rows import ROWS, select_rows
@@ -57,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="device memory the max-batch rows search within (default: the device's allocator "
         "limit; the CPU has none)",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing each jax case, trace 3 more calls with jax's profiler into "
+        "DIR/<row>-<case>.xplane.pb (scripts/profile_summary.py reads them)",
+    )
     p.add_argument("--list", action="store_true", help="list the rows and exit")
 
 
@@ -80,6 +88,11 @@ def main(args: argparse.Namespace) -> dict | None:
         raise ValueError("--runs must be >= 1 and --warmup >= 0")
     if args.memory_gib is not None and not (math.isfinite(args.memory_gib) and args.memory_gib > 0):
         raise ValueError(f"--memory-gib must be a number > 0, got {args.memory_gib}")
+    if args.profile:
+        try:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--profile: cannot create the folder {args.profile} ({e})") from None
     if args.xla_flags == "gpu":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GPU_XLA_FLAGS).strip()
     # jax must not take most of the GPU's memory up front: the torch peer shares the device.
@@ -103,6 +116,7 @@ def main(args: argparse.Namespace) -> dict | None:
         compare=compare,
         torch_threads=threads,
         memory_budget=budget,
+        profile=args.profile,
     )
     doc = run(rows, ctx, args.json)
     print(table([Result(**r) for r in doc["results"]]))

@@ -215,6 +215,7 @@ class Context:
     compare: bool = True  # measure the PyTorch peer where a row has one
     torch_threads: int | None = None  # torch.set_num_threads on the CPU
     memory_budget: int | None = None  # bytes of device memory for max-batch rows (--memory-gib)
+    profile: str | None = None  # a folder: a trace of each jax case's calls (jaxdiff.bench.profile)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     @property
@@ -260,6 +261,11 @@ def measure_jax(
         jax.block_until_ready(out)
 
     timing = time_calls(call, runs=ctx.runs, warmup=ctx.warmup)
+    if ctx.profile:
+        from jaxdiff.bench.profile import trace_calls, trace_name
+
+        written = trace_calls(call, ctx.profile, trace_name(row, case))
+        ctx.log(f"   profile: {written or 'the profiler wrote no trace'}")
     # The traced program's count; XLA's cost analysis only where the jaxpr has no products.
     source, value = "analytic", flops
     if not value:

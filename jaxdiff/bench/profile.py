@@ -1,0 +1,101 @@
+"""Profiles of benchmark cases: jax's profiler around a few calls, and a summary of the trace.
+
+`python scripts/benchmark.py --profile DIR` writes, after each jax case's timing, a trace of
+`PROFILE_CALLS` more calls to DIR/<row>-<case>.xplane.pb (an XSpace protobuf, what TensorBoard's
+profile plugin and Perfetto's converters read). `summarize` reads one back with
+`jax.profiler.ProfileData`, here or on the machine that made it: per line of the device's plane
+(the host's on the CPU), its events, their total time, and the costliest names. Nested events
+(the host's Python frames) count at each level. It is how a device session's few minutes turn
+into a breakdown to work from here.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+PROFILE_CALLS = 3
+
+
+def trace_name(row: str, case: str) -> str:
+    """A file name for a case's trace: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", f"{row}-{case}").strip("-") + ".xplane.pb"
+
+
+def trace_calls(call, folder: str | Path, name: str, calls: int = PROFILE_CALLS) -> Path | None:
+    """`calls` calls of `call` under jax's profiler; the trace moved to folder/name. None where
+    the profiler wrote no trace."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(calls):
+                call()
+        found = sorted(Path(tmp).rglob("*.xplane.pb"))
+        if not found:
+            return None
+        dest = Path(folder) / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(found[-1]), dest)
+    return dest
+
+
+def summarize(path: str | Path, top: int = 15) -> dict:
+    """Per line of the device planes (the host's where there is none) that holds events: their
+    number and total time (ms), and the `top` names by total time with their count and share of
+    the line."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(str(path))
+    planes = [p for p in data.planes if p.name.startswith("/device:")]
+    planes = planes or [p for p in data.planes if p.name.startswith("/host:")]
+    out = {"file": str(path), "planes": []}
+    for plane in planes:
+        lines = []
+        for line in plane.lines:
+            totals, counts = defaultdict(int), defaultdict(int)
+            for event in line.events:
+                totals[event.name] += event.duration_ns
+                counts[event.name] += 1
+            busy = sum(totals.values())
+            if not counts:
+                continue
+            names = sorted(totals, key=totals.get, reverse=True)[:top]
+            lines.append(
+                {
+                    "line": line.name,
+                    "events": sum(counts.values()),
+                    "total_ms": busy / 1e6,
+                    "top": [
+                        {
+                            "name": n,
+                            "count": counts[n],
+                            "total_ms": totals[n] / 1e6,
+                            "share": totals[n] / busy if busy else 0.0,
+                        }
+                        for n in names
+                    ],
+                }
+            )
+        if lines:
+            out["planes"].append({"plane": plane.name, "lines": lines})
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as plain text, one block per line of a plane."""
+    text = [summary["file"]]
+    for plane in summary["planes"]:
+        for line in plane["lines"]:
+            text.append(
+                f"\n{plane['plane']} | {line['line']}: {line['events']} events, "
+                f"{line['total_ms']:.3f} ms"
+            )
+            for e in line["top"]:
+                text.append(
+                    f"  {e['total_ms']:10.3f} ms {e['share']:6.1%} x{e['count']:<5} {e['name'][:100]}"
+                )
+    return "\n".join(text)
