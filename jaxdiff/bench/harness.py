@@ -166,8 +166,8 @@ def jaxpr_flops(jaxpr) -> float:
     attention, 2 per multiply-add, wherever they sit (jit, remat, custom VJP, scan, cond). The
     program as traced, before XLA's rewrites: on a GPU, XLA's cost analysis of the compiled
     program leaves out what it hands to cuBLAS and cuDNN (on an H200 it gave SD 1.5's UNet 150
-    GFLOP at batch 2 and 223 at batch 16, for 1,581 and 12,649; docs/benchmarks.md, session 11).
-    A while loop's body counts once."""
+    GFLOP at batch 2 and 223 at batch 16, for this count's 1,607 and 12,852; docs/benchmarks.md,
+    session 11). A while loop's body counts once; a shard_map body, once for all devices."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return float(sum(_eqn_flops(eqn) for eqn in jaxpr.eqns))
 
