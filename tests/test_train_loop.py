@@ -551,3 +551,39 @@ def test_sdxl_training_run_and_export(tmp_path):
         loop.prepare(dataclasses.replace(cfg, train_text_encoder=True))
     with pytest.raises(ConfigError, match="refiner"):
         loop.prepare(dataclasses.replace(cfg, model="sdxl-refiner"))
+
+
+def test_a_run_from_pretrained_weights_keeps_no_host_copy_of_them(tmp_path, monkeypatch):
+    """Started from a model folder's weights, the loop drops their host copy once the train state
+    holds them: on the CPU it was a second copy of the trained model for the whole run."""
+    import dataclasses
+    import gc
+    import weakref
+
+    from jaxdiff.models.build import random_params
+    from jaxdiff.train import loop
+    from jaxdiff.train import state as st
+
+    host = []
+    base_weights = st.base_weights
+
+    def from_a_folder(cfg, *, skip=()):
+        weights, _ = base_weights(cfg, skip=skip)
+        unet = random_params(weights.configs["unet"], 5)
+        host.extend(weakref.ref(x) for x in jax.tree_util.tree_leaves(unet))
+        return dataclasses.replace(weights, params={**weights.params, "unet": unet}), False
+
+    alive = []
+
+    def sample(params):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in host))
+        return np.zeros((1, 16, 16, 3), np.uint8)
+
+    monkeypatch.setattr(st, "base_weights", from_a_folder)
+    data = write_toy_dataset(tmp_path / "data", count=8, size=16)
+    cfg = apply_overrides(
+        TrainConfig(), MICRO + [f"data_dir={data}", "steps=1", "sample_every=1"]
+    )
+    loop.train(cfg, tmp_path / "run", sample_fn=sample, progress=False)
+    assert len(host) > 10 and alive == [0]

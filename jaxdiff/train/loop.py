@@ -102,6 +102,22 @@ def prepare(cfg: TrainConfig, mesh: Mesh | None = None) -> Run:
     return Run(cfg, mesh, base, setup, pretrained, frozen, abstract, shardings, frozen_sh)
 
 
+def without_host_params(run: Run) -> Run:
+    """`run` without the host copies of the weights its train state holds (the trained
+    components' starting weights, the frozen ones): once the state exists they are only memory,
+    on the CPU (where device arrays are host memory) a second copy of the model. Sample grids take
+    the state's. For what follows the state's creation: `fresh_state` of it would draw the
+    trained components at random."""
+    held = set(run.setup.trained) | set(run.frozen)
+    params = {k: None if k in held else v for k, v in run.base.params.items()}
+    return dataclasses.replace(
+        run,
+        base=dataclasses.replace(run.base, params=params),
+        pretrained=dict.fromkeys(run.pretrained),
+        frozen=dict.fromkeys(run.frozen),
+    )
+
+
 def fresh_state(run: Run) -> st.TrainState:
     key = jax.random.fold_in(jax.random.key(run.cfg.seed), 1 << 30)  # not a step's key
     return st.init_state(
@@ -401,6 +417,7 @@ def train(
         state, position = st.assemble_state(restored, frozen), int(data["position"])
         if jax.process_index() == 0:
             print(f"jaxdiff: resuming {workdir} from step {start}", flush=True)
+    run = without_host_params(run)
     batches = Batches(run, dataset, position)
     if cfg.cache_latents and cfg.task == "unet":
         batches.cache_latents(state)
