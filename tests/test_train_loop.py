@@ -582,8 +582,6 @@ def test_a_run_from_pretrained_weights_keeps_no_host_copy_of_them(tmp_path, monk
 
     monkeypatch.setattr(st, "base_weights", from_a_folder)
     data = write_toy_dataset(tmp_path / "data", count=8, size=16)
-    cfg = apply_overrides(
-        TrainConfig(), MICRO + [f"data_dir={data}", "steps=1", "sample_every=1"]
-    )
+    cfg = apply_overrides(TrainConfig(), MICRO + [f"data_dir={data}", "steps=1", "sample_every=1"])
     loop.train(cfg, tmp_path / "run", sample_fn=sample, progress=False)
     assert len(host) > 10 and alive == [0]
