@@ -237,8 +237,7 @@ def test_validate_rejects_a_broken_report():
         bench.validate(doc)
 
 
-def test_the_command_line_runs_a_tiny_row(capsys, tmp_path, monkeypatch):
-    """`--rows` with a real (micro) row: parsing, running, the table, the JSON."""
+def _small_conv_row(monkeypatch):
     monkeypatch.setitem(
         bench.ROWS,
         "small-conv",
@@ -249,6 +248,11 @@ def test_the_command_line_runs_a_tiny_row(capsys, tmp_path, monkeypatch):
             lambda ctx, name: bench.conv_micro(ctx, name, batch=1, size=8, channels=8),
         ),
     )
+
+
+def test_the_command_line_runs_a_tiny_row(capsys, tmp_path, monkeypatch):
+    """`--rows` with a real (micro) row: parsing, running, the table, the JSON."""
+    _small_conv_row(monkeypatch)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     out = tmp_path / "b.json"
@@ -395,19 +399,6 @@ def test_the_train_rows_start_from_weights_drawn_on_the_host():
         np.testing.assert_array_equal(np.asarray(ours), host)
     state, metrics = step(state, batch, key)
     assert np.isfinite(float(metrics["loss"]))
-
-
-def _small_conv_row(monkeypatch):
-    monkeypatch.setitem(
-        bench.ROWS,
-        "small-conv",
-        bench.Row(
-            "small-conv",
-            "cpu",
-            "a small conv",
-            lambda ctx, name: bench.conv_micro(ctx, name, batch=1, size=8, channels=8),
-        ),
-    )
 
 
 def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkeypatch):
