@@ -90,8 +90,10 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group sdxl-max-batch "$total" 0 --rows sdxl-max-batch
         ;;
     profile)
-        # jax's profiler around 3 calls of each UNet case (SD 1.5 b2 and b16, SDXL b2 and b8),
-        # after a shorter timing; the traces and their summary come back for the work here.
+        # A call's cost per parameter array (`dispatch`), then jax's profiler around 3 calls of
+        # each UNet case (SD 1.5 b2 and b16, SDXL b2 and b8) after a shorter timing; the reports,
+        # the traces and their summary (8 files) come back for the work here.
+        group dispatch 60 150 --rows dispatch --runs 50 --warmup 5
         group profile "$total" 0 --rows sd15-unet sdxl-unet --no-compare --runs 3 --warmup 1 \
             --profile "$OUT"
         if [[ "$dry" != 1 ]]; then

@@ -643,6 +643,31 @@ def model_load(ctx: Context, preset: str, row: str):
     return results
 
 
+def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
+    """What a call costs per parameter array: a program that reads one element of each of the
+    UNet's parameter arrays (SD 1.5's 686; one element each here), against the same elements in
+    one array. On a GPU, where the runtime tracks each buffer of a call, the difference is what a
+    UNet step call pays for taking its parameters one array each: on an H200 one SD 1.5 UNet call
+    at b2 took 11.3 ms, a step of the sampler's scan (its parameters passed once) at most 8.2."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.models.build import abstract_params
+    from jaxdiff.models.presets import PRESETS
+
+    n = len(jax.tree_util.tree_leaves(abstract_params(PRESETS[preset].unet)))
+    each = [jnp.full((1,), i, jnp.float32) for i in range(n)]
+    packed = jnp.arange(n, dtype=jnp.float32)
+
+    def read_each(arrays):
+        return jnp.stack([a[0] for a in arrays]).sum()
+
+    return [
+        measure_jax(ctx, read_each, (each,), row=row, case=f"{preset} unet: {n} arrays, a call"),
+        measure_jax(ctx, jnp.sum, (packed,), row=row, case=f"{preset} unet: {n} values in 1 array"),
+    ]
+
+
 def conv_micro(ctx: Context, row: str, batch=2, size=64, channels=320):
     """One 3x3 convolution, float32, NHWC (jax) against NCHW (torch's default)."""
     import jax
@@ -708,6 +733,13 @@ def _rows() -> dict[str, Row]:
                 "opt-in",
                 "SD 1.5 UNet step, b1, 512px, float32 (for the CPU; minutes)",
                 lambda c, r: unet_step(c, "sd15", 1, 64, "float32", r),
+            ),
+            # A call's cost per parameter array (the profile phase of scripts/gpu_bench.sh).
+            row(
+                "dispatch",
+                "opt-in",
+                "a call of SD 1.5's UNet parameter arrays (686), against one array",
+                lambda c, r: dispatch_micro(c, r),
             ),
             # Loading SD 1.5 from a folder on a CPU: time and memory, a process per load.
             row(
