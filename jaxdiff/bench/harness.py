@@ -167,7 +167,8 @@ def jaxpr_flops(jaxpr) -> float:
     program as traced, before XLA's rewrites: on a GPU, XLA's cost analysis of the compiled
     program leaves out what it hands to cuBLAS and cuDNN (on an H200 it gave SD 1.5's UNet 150
     GFLOP at batch 2 and 223 at batch 16, for this count's 1,607 and 12,852; docs/benchmarks.md,
-    session 11). A while loop's body counts once; a shard_map body, once for all devices."""
+    session 11). A while loop's body counts once; a shard_map body, once for all devices; a
+    rematerialized forward pass (remat) counts again where the gradient recomputes it."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return float(sum(_eqn_flops(eqn) for eqn in jaxpr.eqns))
 
