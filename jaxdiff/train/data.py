@@ -178,9 +178,9 @@ class Stream:
             self.random_flip and _flip_bits(n, self.seed, epoch)[i]
         )
 
-    def _pixels(self, k: int) -> tuple[int, np.ndarray]:
-        """(the dataset index decoded, its pixels) for stream position k: the next good image of
-        this epoch's order where k's own image fails to decode."""
+    def _pixels(self, k: int) -> tuple[int, bool, np.ndarray]:
+        """(the dataset index decoded, flipped, its pixels) for stream position k: the next good
+        image of this epoch's order where k's own image fails to decode."""
         n = len(self.dataset)
         epoch, i = divmod(k, n)
         order = _epoch_order(n, self.seed, epoch)
@@ -199,7 +199,7 @@ class Stream:
                 )
         else:
             raise DataError(f"no readable images in {self.dataset.root}")
-        return index, pixels[:, ::-1] if flip else pixels
+        return index, flip, pixels[:, ::-1] if flip else pixels
 
     def batch(self, global_batch: int, rows: slice | None = None) -> dict[str, np.ndarray]:
         """The next global batch (or just `rows` of it, this host's share); advances position.
@@ -208,16 +208,15 @@ class Stream:
         """
         rows = rows or slice(0, global_batch)
         ks = range(self.position + rows.start, self.position + rows.stop)
-        flips = [self.example(k)[1] for k in ks]
         self.position += global_batch
         # Decoded on every core: PIL releases the GIL while it decodes and resizes. A row whose
         # image failed holds the image decoded in its place, with that image's caption and index.
-        decoded = parallel_map(self._pixels, ks)
+        index, flip, pixels = zip(*parallel_map(self._pixels, ks), strict=True)
         return {
-            "images": np.stack([pixels for _, pixels in decoded]),
-            "captions": [self.dataset.captions[i] for i, _ in decoded],
-            "index": np.asarray([i for i, _ in decoded], np.int64),
-            "flip": np.asarray(flips, bool),
+            "images": np.stack(pixels),
+            "captions": [self.dataset.captions[i] for i in index],
+            "index": np.asarray(index, np.int64),
+            "flip": np.asarray(flip, bool),
         }
 
 
