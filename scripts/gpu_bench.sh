@@ -7,8 +7,9 @@
 # keeps the rows it finished. Reports and logs go to $OUT (at most 8 files come back).
 #
 #   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
+#   bash scripts/gpu_bench.sh train [SECONDS]     # text encoding and the SD 1.5 train step only
 #   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat, the largest batches
-#   bash scripts/gpu_bench.sh profile [SECONDS]   # traces of the UNet steps (profile_summary.py)
+#   bash scripts/gpu_bench.sh profile [SECONDS]   # traces of the UNet steps, XLA flag candidates
 #
 # SECONDS defaults to 540. diffusers travels as wheels in .whl/ (carry ".whl"; see
 # docs/benchmarks.md for the download). GPU_BENCH_DRY=1 prints each group's command and limit
@@ -16,8 +17,9 @@
 set -u
 phase=${1:-targets}
 total=${2:-540}
-if [[ "$phase" != targets && "$phase" != memory && "$phase" != profile ]]; then
-    echo "gpu_bench.sh: unknown phase '$phase' (targets, memory or profile)" >&2
+if [[ "$phase" != targets && "$phase" != train && "$phase" != memory && "$phase" != profile ]]
+then
+    echo "gpu_bench.sh: unknown phase '$phase' (targets, train, memory or profile)" >&2
     exit 2
 fi
 if ! [[ "$total" =~ ^[0-9]+$ ]] || ((total < 60)); then
@@ -83,6 +85,10 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group sdxl-unet 130 110 --rows sdxl-unet --compare
         group train "$total" 0 --rows text-encode sd15-train --compare
         ;;
+    train)
+        # The rows that `targets` runs last, on their own where the others were measured already.
+        group train "$total" 0 --rows text-encode sd15-train --compare
+        ;;
     memory)
         # Each in a fresh process, where jax's pool may take 95% of the GPU.
         group sdxl-train 240 120 --rows sdxl-train --compare
@@ -90,15 +96,28 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group sdxl-max-batch "$total" 0 --rows sdxl-max-batch
         ;;
     profile)
-        # A call's cost per parameter array (`dispatch`), then jax's profiler around 3 calls of
-        # each UNet case (SD 1.5 b2 and b16, SDXL b2 and b8) after a shorter timing; the reports,
-        # the traces and their summary (8 files) come back for the work here.
-        group dispatch 60 150 --rows dispatch --runs 50 --warmup 5
-        group profile "$total" 0 --rows sd15-unet sdxl-unet --no-compare --runs 3 --warmup 1 \
-            --profile "$OUT"
-        if [[ "$dry" != 1 ]]; then
-            python3 scripts/profile_summary.py "$OUT"/*.xplane.pb --top 25 \
+        # A call's cost per parameter array (`dispatch`); jax's profiler around 3 calls of each
+        # UNet case (SD 1.5 b2 and b16, SDXL b2 and b8) after their timing, which is the baseline
+        # of the two A/B groups after it: SD 1.5's UNet again in a new process under each
+        # candidate set of XLA flags (`--xla-flags`). While jax's profiler traces, XLA runs its
+        # kernels one by one, not in CUDA graphs, so the traced calls attribute time but are not
+        # timings. The traces stay outside $OUT (each may be tens of MB); their summary and, if
+        # under 15 MiB, an archive of them come back: at most 7 files.
+        traces=/tmp/jaxdiff-traces
+        group dispatch 45 330 --rows dispatch --runs 50 --warmup 5
+        group profile 160 180 --rows sd15-unet sdxl-unet --no-compare --profile "$traces"
+        group xla-graphs 90 90 --rows sd15-unet --no-compare --xla-flags graphs
+        group xla-gpu "$total" 0 --rows sd15-unet --no-compare --xla-flags gpu
+        if [[ "$dry" != 1 ]] && compgen -G "$traces/*.xplane.pb" > /dev/null; then
+            python3 scripts/profile_summary.py "$traces"/*.xplane.pb --top 40 \
                 > "$OUT/profile-summary.txt" 2>> "$log"
+            tar -C "$traces" -cJf /tmp/traces.tar.xz . 2>> "$log"
+            if (($(stat -c %s /tmp/traces.tar.xz) <= 15 * 1024 * 1024)); then
+                cp /tmp/traces.tar.xz "$OUT/"
+            else
+                echo "== traces: $(du -sh "$traces" | cut -f1), archive too large to return" \
+                    >> "$log"
+            fi
         fi
         ;;
 esac

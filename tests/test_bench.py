@@ -352,7 +352,7 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     covered = []
-    for phase, total in (("targets", 540), ("memory", 300), ("profile", 200)):
+    for phase, total in (("targets", 540), ("train", 200), ("memory", 300), ("profile", 380)):
         out = subprocess.run(
             ["bash", str(script), phase, str(total)],
             env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
@@ -372,6 +372,32 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     gpu_rows = {name for name, row in bench.ROWS.items() if row.device == "gpu"}
     assert gpu_rows <= set(covered)
     assert {bench.ROWS[name].device for name in set(covered) - gpu_rows} <= {"opt-in"}
+
+
+def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
+    """`--xla-flags` sets go after the user's own XLA_FLAGS, each once; "default" adds none. XLA
+    aborts the process at its first compile on a flag it does not know or a value it cannot
+    parse, GPU flags included on a CPU-only jaxlib, so each set is tried in a fresh process: a
+    misspelt candidate fails here, not on the lent GPU."""
+    import subprocess
+    import sys
+
+    sets = bench.XLA_FLAG_SETS
+    assert bench.with_xla_flag_sets(" --mine=1 ", ["default"]) == "--mine=1"
+    both = bench.with_xla_flag_sets("--mine=1", ["graphs", "gpu", "graphs", "default"])
+    assert both == f"--mine=1 {sets['graphs']} {sets['gpu']}"
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args(["--xla-flags", "gpu", "graphs"]).xla_flags == ["gpu", "graphs"]
+    assert parser.parse_args([]).xla_flags == ["default"]
+    code = "import jax, jax.numpy as jnp; print(jax.jit(lambda x: x + 1)(jnp.ones(2)).sum())"
+    for flags in [*sets.values(), "--xla_gpu_enable_command_buffer=+NO_SUCH_COMMAND"]:
+        env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        accepted = out.returncode == 0 and out.stdout.strip() == "4.0"
+        assert accepted == ("NO_SUCH" not in flags), (flags, out.stderr[-1000:])
 
 
 @pytest.mark.parametrize("argv", [["nonsense"], ["targets", "30"], ["memory", "ten"]])

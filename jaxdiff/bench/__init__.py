@@ -48,10 +48,12 @@ The parts, each importing only those before it:
 from jaxdiff.bench.cli import add_arguments, main
 from jaxdiff.bench.harness import (
     GPU_XLA_FLAGS,
+    GRAPH_XLA_FLAGS,
     MAX_BATCH_KEYS,
     PEAK_BF16_TFLOPS,
     REQUIRED_RESULT_KEYS,
     SCHEMA,
+    XLA_FLAG_SETS,
     Context,
     Result,
     Row,
@@ -69,6 +71,7 @@ from jaxdiff.bench.harness import (
     time_calls,
     validate,
     with_peer_ratios,
+    with_xla_flag_sets,
 )
 from jaxdiff.bench.memory import (
     MEM_FRACTION,
@@ -91,6 +94,7 @@ from jaxdiff.bench.rows import (
 
 __all__ = [
     "GPU_XLA_FLAGS",
+    "GRAPH_XLA_FLAGS",
     "MAX_BATCH_KEYS",
     "MEM_FRACTION",
     "PEAK_BF16_TFLOPS",
@@ -128,4 +132,6 @@ __all__ = [
     "validate",
     "vae_decode",
     "with_peer_ratios",
+    "with_xla_flag_sets",
+    "XLA_FLAG_SETS",
 ]

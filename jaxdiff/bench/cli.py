@@ -10,7 +10,15 @@ import math
 import os
 from pathlib import Path
 
-from jaxdiff.bench.harness import GPU_XLA_FLAGS, Context, Result, Row, run, table
+from jaxdiff.bench.harness import (
+    XLA_FLAG_SETS,
+    Context,
+    Result,
+    Row,
+    run,
+    table,
+    with_xla_flag_sets,
+)
 from jaxdiff.bench.rows import ROWS, select_rows
 
 
@@ -46,9 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--xla-flags",
-        choices=["default", "gpu"],
-        default="default",
-        help="'gpu' appends GPU_XLA_FLAGS to XLA_FLAGS (before jax starts)",
+        nargs="+",
+        choices=["default", *XLA_FLAG_SETS],
+        default=["default"],
+        metavar="SET",
+        help="append these candidate sets to XLA_FLAGS before jax starts: 'gpu' (cuBLAS for "
+        "every GEMM, the latency-hiding scheduler), 'graphs' (convolutions in CUDA graphs too); "
+        "'default' adds none",
     )
     p.add_argument(
         "--memory-gib",
@@ -93,8 +105,7 @@ def main(args: argparse.Namespace) -> dict | None:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--profile: cannot create the folder {args.profile} ({e})") from None
-    if args.xla_flags == "gpu":
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GPU_XLA_FLAGS).strip()
+    os.environ["XLA_FLAGS"] = with_xla_flag_sets(os.environ.get("XLA_FLAGS", ""), args.xla_flags)
     # jax must not take most of the GPU's memory up front: the torch peer shares the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # The default set depends on the backend, known once jax has started; a GPU's is "gpu".
