@@ -98,15 +98,16 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
     profile)
         # A call's cost per parameter array (`dispatch`); jax's profiler around 3 calls of each
         # UNet case (SD 1.5 b2 and b16, SDXL b2 and b8) after their timing, which is the baseline
-        # of the two A/B groups after it: SD 1.5's UNet again in a new process under each
+        # of the three A/B groups after it: SD 1.5's UNet again in a new process under each
         # candidate set of XLA flags (`--xla-flags`). While jax's profiler traces, XLA runs its
         # kernels one by one, not in CUDA graphs, so the traced calls attribute time but are not
         # timings. The traces stay outside $OUT (each may be tens of MB); their summary and, if
-        # under 15 MiB, an archive of them come back: at most 7 files.
+        # under 15 MiB, an archive of them come back: at most 8 files.
         traces=/tmp/jaxdiff-traces
-        group dispatch 45 330 --rows dispatch --runs 50 --warmup 5
-        group profile 160 180 --rows sd15-unet sdxl-unet --no-compare --profile "$traces"
-        group xla-graphs 90 90 --rows sd15-unet --no-compare --xla-flags graphs
+        group dispatch 45 400 --rows dispatch --runs 50 --warmup 5
+        group profile 160 240 --rows sd15-unet sdxl-unet --no-compare --profile "$traces"
+        group xla-graphs 80 160 --rows sd15-unet --no-compare --xla-flags graphs
+        group xla-nographs 80 80 --rows sd15-unet --no-compare --xla-flags nographs
         group xla-gpu "$total" 0 --rows sd15-unet --no-compare --xla-flags gpu
         if [[ "$dry" != 1 ]] && compgen -G "$traces/*.xplane.pb" > /dev/null; then
             python3 scripts/profile_summary.py "$traces"/*.xplane.pb --top 40 \

@@ -34,8 +34,12 @@ GPU_XLA_FLAGS = (
 # activation), so at a small batch most of its kernels may launch one by one; "+" adds a type to
 # the default list. A candidate for the SD 1.5 UNet at batch 2, not yet measured.
 GRAPH_XLA_FLAGS = "--xla_gpu_enable_command_buffer=+CONVOLUTION"
+# No CUDA graphs at all: every kernel launched on its own. A control for `graphs`, and a test of
+# one explanation of session 11's ~3 ms per UNet call more than a step of the sampler's scan
+# (docs/benchmarks.md): graphs recorded once and updated on each call for new buffer addresses.
+NO_GRAPH_XLA_FLAGS = "--xla_gpu_enable_command_buffer="
 # `--xla-flags NAME ...`: the sets, appended to XLA_FLAGS before jax starts.
-XLA_FLAG_SETS = {"gpu": GPU_XLA_FLAGS, "graphs": GRAPH_XLA_FLAGS}
+XLA_FLAG_SETS = {"gpu": GPU_XLA_FLAGS, "graphs": GRAPH_XLA_FLAGS, "nographs": NO_GRAPH_XLA_FLAGS}
 
 
 def with_xla_flag_sets(current: str, names) -> str:
