@@ -455,6 +455,9 @@ def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkey
         totals = [e["total_ms"] for e in line["top"]]
         assert totals == sorted(totals, reverse=True)
         assert sum(e["share"] for e in line["top"]) <= 1 + 1e-9
+        t = line["timeline"]
+        assert 0 < t["busy_ms"] <= min(t["span_ms"], line["total_ms"]) + 1e-6
+        assert sum(t["gaps_ms"]) == pytest.approx(t["span_ms"] - t["busy_ms"], abs=1e-6)
     script = Path(__file__).parents[1] / "scripts" / "profile_summary.py"
     out = subprocess.run(
         [sys.executable, str(script), str(folder / name), "--top", "3"],
@@ -462,6 +465,21 @@ def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkey
         text=True,
     )
     assert out.returncode == 0 and "/host:CPU |" in out.stdout, out.stderr
+
+
+def test_a_timeline_counts_overlapping_events_once_and_finds_the_gaps():
+    from jaxdiff.bench.profile import timeline
+
+    # Kernels at 0-2 and 1-3 (overlapping), 2.5-2.8 (nested), then 4-5 and 9-10 ms, unsorted.
+    ms = 1_000_000
+    events = [(9 * ms, 10 * ms), (0, 2 * ms), (4 * ms, 5 * ms), (1 * ms, 3 * ms)]
+    events.append((int(2.5 * ms), int(2.8 * ms)))
+    t = timeline(events)
+    assert t["span_ms"] == pytest.approx(10.0)
+    assert t["busy_ms"] == pytest.approx(5.0)  # 0-3, 4-5, 9-10
+    assert t["gaps_ms"] == pytest.approx([4.0, 1.0])
+    assert timeline([]) == {"span_ms": 0.0, "busy_ms": 0.0, "gaps_ms": []}
+    assert timeline([(5, 7)]) == {"span_ms": 2e-6, "busy_ms": 2e-6, "gaps_ms": []}
 
 
 def test_profile_refuses_a_folder_it_cannot_create_and_a_file_it_cannot_read(tmp_path):

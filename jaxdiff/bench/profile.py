@@ -5,8 +5,9 @@
 profile plugin and Perfetto's converters read). `summarize` reads one back with
 `jax.profiler.ProfileData`, here or on the machine that made it: per line of the device's plane
 (the host's on the CPU), its events, their total time, and the costliest names. Nested events
-(the host's Python frames) count at each level. It is how a device session's few minutes turn
-into a breakdown to work from here.
+(the host's Python frames) count at each level; `timeline` says how much of the line's span its
+events cover and where the gaps are (on a GPU stream: launch latency, and the host's work
+between calls). It is how a device session's few minutes turn into a breakdown to work from here.
 """
 
 from __future__ import annotations
@@ -43,10 +44,36 @@ def trace_calls(call, folder: str | Path, name: str, calls: int = PROFILE_CALLS)
     return dest
 
 
+def timeline(intervals) -> dict:
+    """How a line's (start_ns, end_ns) events cover its span: the span from the first start to
+    the last end, the time covered by at least one event (nested and overlapping events once),
+    and the gaps where none runs, in ms, largest first. On a GPU stream, where kernels run one
+    after another, busy / span is the device's occupancy over the traced calls, and the gaps are
+    launch latency and, between calls, the host's per-call work."""
+    spans = sorted(intervals)
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "gaps_ms": []}
+    busy, gaps = 0, []
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append(s - end)
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return {
+        "span_ms": (end - spans[0][0]) / 1e6,
+        "busy_ms": busy / 1e6,
+        "gaps_ms": sorted((g / 1e6 for g in gaps), reverse=True),
+    }
+
+
 def summarize(path: str | Path, top: int = 15) -> dict:
     """Per line of the device planes (the host's where there is none) that holds events: their
-    number and total time (ms), and the `top` names by total time with their count and share of
-    the line."""
+    number and total time (ms), how they cover the line's span (`timeline`), and the `top` names
+    by total time with their count and share of the line."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(str(path))
@@ -57,9 +84,11 @@ def summarize(path: str | Path, top: int = 15) -> dict:
         lines = []
         for line in plane.lines:
             totals, counts = defaultdict(int), defaultdict(int)
+            intervals = []
             for event in line.events:
                 totals[event.name] += event.duration_ns
                 counts[event.name] += 1
+                intervals.append((event.start_ns, event.start_ns + event.duration_ns))
             busy = sum(totals.values())
             if not counts:
                 continue
@@ -69,6 +98,7 @@ def summarize(path: str | Path, top: int = 15) -> dict:
                     "line": line.name,
                     "events": sum(counts.values()),
                     "total_ms": busy / 1e6,
+                    "timeline": timeline(intervals),
                     "top": [
                         {
                             "name": n,
@@ -93,6 +123,14 @@ def format_summary(summary: dict) -> str:
             text.append(
                 f"\n{plane['plane']} | {line['line']}: {line['events']} events, "
                 f"{line['total_ms']:.3f} ms"
+            )
+            t = line["timeline"]
+            gaps = t["gaps_ms"]
+            occupancy = t["busy_ms"] / t["span_ms"] if t["span_ms"] else 1.0
+            largest = f", the largest {', '.join(f'{g:.3f}' for g in gaps[:5])}" if gaps else ""
+            text.append(
+                f"  span {t['span_ms']:.3f} ms, busy {t['busy_ms']:.3f} ms ({occupancy:.1%}), "
+                f"{len(gaps)} gaps of {sum(gaps):.3f} ms{largest}"
             )
             for e in line["top"]:
                 text.append(
