@@ -98,6 +98,78 @@ def test_jaxpr_flops_counts_products_convolutions_loops_branches_and_gradients()
     assert bench.jaxpr_flops(grad) == 3 * dot
 
 
+def test_op_breakdown_splits_the_count_by_kind_with_each_ops_bytes():
+    x = jnp.ones((4, 8), jnp.float32)
+    w = jnp.ones((8, 8), jnp.float32)
+    image = jnp.ones((2, 10, 10, 3), jnp.float32)
+    kernel = jnp.ones((3, 3, 3, 5), jnp.float32)
+    q = jnp.ones((2, 6, 8), jnp.float32)
+
+    def f(x, w, image, kernel, q):
+        y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)
+        y = jax.lax.cond(y.sum() > 0, lambda y: y @ w @ w, lambda y: y, y)
+        z = jax.lax.conv_general_dilated(
+            image, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        a = jnp.einsum("bth,bsh->bts", q, q)
+        return y.sum() + z.sum() + a.sum()
+
+    jaxpr = jax.make_jaxpr(f)(x, w, image, kernel, q)
+    parts = bench.op_breakdown(jaxpr)
+    dot, dot_bytes = 2 * 4 * 8 * 8, 4 * (4 * 8 + 8 * 8 + 4 * 8)
+    conv_out = 2 * 8 * 8 * 5
+    assert parts["matmul"] == {"ops": 5, "flops": 5 * dot, "bytes": 5 * dot_bytes}
+    assert parts["conv 3x3"] == {
+        "ops": 1,
+        "flops": 2 * conv_out * 27,
+        "bytes": 4 * (2 * 10 * 10 * 3 + 3 * 3 * 3 * 5 + conv_out),
+    }
+    assert parts["attention"] == {
+        "ops": 1,
+        "flops": 2 * 2 * 6 * 6 * 8,
+        "bytes": 4 * (2 * 2 * 6 * 8 + 2 * 6 * 6),
+    }
+    assert sum(r["flops"] for r in parts.values()) == bench.jaxpr_flops(jaxpr)
+
+
+def test_the_roofline_script_covers_the_unets_whole_count(monkeypatch):
+    """scripts/unet_roofline.py on the tiny UNet: its kinds add up to `jaxpr_flops` of the
+    same program, and the floor is at least the FLOPs at the matrix rate."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxdiff.models.build import abstract_params, module_for
+    from jaxdiff.models.presets import PRESETS
+
+    path = Path(__file__).parents[1] / "scripts" / "unet_roofline.py"
+    spec = importlib.util.spec_from_file_location("unet_roofline", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ours = layers._backend
+    rows, total = script.floor_table("tiny", 2, 16, 100.0, 1.0)
+    assert layers._backend is ours  # the script's own patch is undone
+    assert {r[0] for r in rows} == {"conv 3x3", "conv 1x1", "matmul", "attention"}
+    config = PRESETS["tiny"].unet
+    module = module_for(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    inputs = {
+        k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)
+        for k, v in module.dummy_inputs(2, 16, 16).items()
+    }
+    inputs["timesteps"] = jax.ShapeDtypeStruct((2,), jnp.int32)
+    monkeypatch.setattr(layers, "_backend", lambda: "xla")
+    jaxpr = jax.make_jaxpr(lambda p, i: module.apply({"params": p}, **i))(
+        abstract_params(config, jnp.bfloat16), inputs
+    )
+    assert total[2] == pytest.approx(bench.jaxpr_flops(jaxpr) / 1e9)
+    # GFLOP at 100 TFLOP/s take GFLOP / 100 ms; bytes at 1 TB/s (GB ms) only add to that.
+    assert total[4] >= total[2] / 100 * (1 - 1e-9)
+    by_kind = {r[0]: r for r in rows}
+    assert by_kind["attention"][3] is None  # a fused kernel's bytes are not the XLA form's
+    assert by_kind["conv 3x3"][4] == pytest.approx(
+        max(by_kind["conv 3x3"][2] / 100, by_kind["conv 3x3"][3])
+    )
+
+
 def test_jaxpr_flops_counts_cudnn_fused_attention_by_its_primitives():
     """cuDNN's kernel cannot be traced without a GPU; stand-ins with jax's primitive names."""
     from jax.extend.core import Primitive

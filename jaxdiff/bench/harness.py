@@ -191,6 +191,52 @@ def jaxpr_flops(jaxpr) -> float:
     return float(sum(_eqn_flops(eqn) for eqn in jaxpr.eqns))
 
 
+def _op_kind(eqn) -> str | None:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval.shape
+        spatial = eqn.params["dimension_numbers"].rhs_spec[2:]
+        return "conv " + "x".join(str(kernel[d]) for d in spatial)
+    if name == "dot_general":
+        (_, (batch, _)) = eqn.params["dimension_numbers"]
+        return "attention" if batch else "matmul"  # a UNet's batched products are attention's
+    if any(name.startswith(prefix) for prefix, _ in _FUSED_ATTENTION):
+        return "attention"
+    return None
+
+
+def op_breakdown(jaxpr) -> dict[str, dict[str, float]]:
+    """`jaxpr_flops` by kind of op ("conv 3x3", "matmul", "attention"): per kind the number of
+    ops, their FLOPs and their fewest bytes (operands read once, results written once), with
+    scan bodies times their length and a cond's costliest branch, as `jaxpr_flops` counts."""
+    out: dict[str, dict[str, float]] = {}
+
+    def add(kind, ops, flops, nbytes, scale=1):
+        row = out.setdefault(kind, {"ops": 0, "flops": 0.0, "bytes": 0.0})
+        row["ops"] += ops * scale
+        row["flops"] += flops * scale
+        row["bytes"] += nbytes * scale
+
+    def size(var):
+        return math.prod(var.aval.shape) * var.aval.dtype.itemsize
+
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        kind = _op_kind(eqn)
+        if kind is not None:
+            nbytes = sum(map(size, eqn.invars)) + sum(map(size, eqn.outvars))
+            add(kind, 1, _eqn_flops(eqn), nbytes)
+            continue
+        if eqn.primitive.name == "cond":
+            subs = [max(eqn.params["branches"], key=jaxpr_flops)]
+        else:
+            subs = [v for v in eqn.params.values() if _is_jaxpr(v)]
+        scale = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in subs:
+            for k, row in op_breakdown(sub).items():
+                add(k, row["ops"], row["flops"], row["bytes"], scale)
+    return out
+
+
 def memory_of(compiled) -> int | None:
     """Bytes of a compiled program: arguments + outputs + temporaries, less donated aliases."""
     try:
