@@ -341,10 +341,11 @@ def test_the_command_line_runs_a_tiny_row(capsys, tmp_path, monkeypatch):
     assert "| small-conv |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("tokens", [600, 1024])
+@pytest.mark.parametrize("tokens", [600, 1100, 2048])
 def test_blocked_cpu_attention_matches_dot_product_attention(tokens):
-    """The query-blocked CPU path (long sequences) against jax.nn.dot_product_attention; the
-    tiny models of the parity tests only reach the unblocked path."""
+    """The query-blocked CPU path (long sequences) against jax.nn.dot_product_attention: one
+    block, two blocks with padded rows, two whole blocks. The tiny models of the parity tests
+    only reach the unblocked path."""
     heads, dim = 2, 8
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, tokens, heads * dim), np.float32) for _ in range(3))
@@ -359,7 +360,7 @@ def test_blocked_cpu_attention_matches_dot_product_attention(tokens):
 
 @pytest.mark.parametrize(
     "tokens, masked",
-    [(48, False), (48, True), (600, False)],
+    [(48, False), (48, True), (1100, False)],
     ids=["single-block", "causal-and-padding-mask", "query-blocked"],
 )
 def test_cpu_attention_gradient_matches_autodiff_of_dot_product_attention(tokens, masked):

@@ -137,10 +137,14 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-# Query rows per block of the CPU path: a block's float32 logits against 4096 keys are 4 MiB and
-# stay in cache, where the whole [T, S] matrix of a head (64 MiB) streams through memory. 128
-# and 256 measured alike, 64 slower (docs/benchmarks.md).
-_CPU_QUERY_BLOCK = 256
+# The most query rows per block of the CPU path (each block one loop iteration of one (batch,
+# head) pair); a sequence is cut into equal blocks of at most this many rows (padded to a multiple
+# of 8). Fewer, larger blocks won over cache-sized ones once each iteration took one head: against
+# 256 rows, 1024 took 8-11% off SD 1.5's 4096-token self-attention (8 heads of 40), 22% off 1024
+# tokens (8 of 80), 24% off the VAE's 4096 tokens (1 head of 512) and 15% off its 16,384, and
+# 17-24% off the 4096-token gradient; a whole head at once (4096 rows) was slower again
+# (docs/benchmarks.md, session 12). A block's float32 logits against 4096 keys are 16 MiB.
+_CPU_QUERY_BLOCK = 1024
 # Below this many logits per head one block is as fast and compiles to a simpler program.
 _CPU_BLOCKED_MIN_LOGITS = 512 * 512
 
@@ -242,8 +246,8 @@ def _attention_cpu(q, k, v, mask, is_causal):
             keep = keep.reshape(b * n, t, s)
         out = _attention_block(qh, kh, vh, keep, scale)
     else:
-        rows = _CPU_QUERY_BLOCK
-        blocks = -(-t // rows)
+        blocks = -(-t // _CPU_QUERY_BLOCK)
+        rows = -(-t // (8 * blocks)) * 8  # equal blocks: 1100 tokens are 2 of 552, not 2 of 1024
         # Padded query rows attend like any other and are dropped below.
         qh = jnp.pad(qh, ((0, 0), (0, blocks * rows - t), (0, 0)))
         q_blocks = qh.reshape(b * n * blocks, rows, h)
