@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from stand_ins import missing_kernel
 from tolerances import assert_close
 
 from jaxdiff.models import layers
@@ -27,14 +28,8 @@ def _stand_in(q, k, v, is_causal):
     return _unfused(q, k, 2 * v, is_causal)
 
 
-def _missing_kernel(operand, *like):
-    """A call that traces and lowers, and fails when XLA compiles it."""
-    results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in like)
-    return jax.ffi.ffi_call("jaxdiff_test_missing_kernel", results)(operand)
-
-
 def _refused_at_compile(q, k, v, is_causal):
-    return _missing_kernel(q + k.sum() + v.sum(), q)[0]
+    return missing_kernel(q + k.sum() + v.sum(), q)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -47,7 +42,7 @@ def _backward_refused_fwd(q, k, v, is_causal):
 
 
 def _backward_refused_bwd(is_causal, residuals, cotangent):
-    return _missing_kernel(cotangent, *residuals)
+    return missing_kernel(cotangent, *residuals)
 
 
 _backward_refused.defvjp(_backward_refused_fwd, _backward_refused_bwd)
