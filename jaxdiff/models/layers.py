@@ -140,10 +140,11 @@ class LayerNorm(nn.Module):
 # The most query rows per block of the CPU path (each block one loop iteration of one (batch,
 # head) pair); a sequence is cut into equal blocks of at most this many rows (padded to a multiple
 # of 8). Fewer, larger blocks won over cache-sized ones once each iteration took one head: against
-# 256 rows, 1024 took 8-11% off SD 1.5's 4096-token self-attention (8 heads of 40), 22% off 1024
-# tokens (8 of 80), 24% off the VAE's 4096 tokens (1 head of 512) and 15% off its 16,384, and
-# 17-24% off the 4096-token gradient; a whole head at once (4096 rows) was slower again
-# (docs/benchmarks.md, session 12). A block's float32 logits against 4096 keys are 16 MiB.
+# 256 rows, 1024 took 8% off SD 1.5's 4096-token self-attention (8 heads of 40; medians of 3),
+# 22% off 1024 tokens (8 of 80), 24% off the VAE's 4096 tokens (1 head of 512) and 15% off its
+# 16,384, and 14% off the 4096-token gradient (medians of 4); a whole head at once (4096 rows)
+# was slower again (docs/benchmarks.md, session 12). A block's float32 logits against 4096 keys
+# are 16 MiB.
 _CPU_QUERY_BLOCK = 1024
 # Below this many logits per head one block is as fast and compiles to a simpler program.
 _CPU_BLOCKED_MIN_LOGITS = 512 * 512
