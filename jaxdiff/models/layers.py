@@ -224,8 +224,9 @@ def _attention_cpu(q, k, v, mask, is_causal):
 
     `jax.nn.dot_product_attention`'s XLA path is 2-4x slower on the CPU than plain matrix
     products (docs/benchmarks.md). Heads go first, so each (batch, head) pair is one contiguous
-    matrix product; long sequences run in query blocks (`lax.map`) that keep the logits in cache.
-    Logits and softmax are float32 whatever the compute dtype, as in dot_product_attention.
+    matrix product; long sequences run in equal query blocks of at most `_CPU_QUERY_BLOCK` rows
+    (`lax.map`), so a head's whole [T, S] logits never exist at once. Logits and softmax are
+    float32 whatever the compute dtype, as in dot_product_attention.
     """
     b, t, n, h = q.shape
     s = k.shape[1]
