@@ -23,6 +23,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command}: {message}" if command else message)
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """argparse for the programs in scripts/: a bad argument is one line on stderr ("NAME: error:
+    ...") and exit status 2, as the `jaxdiff` command reports it, not argparse's usage block
+    (`--help` still prints the usage). Importing this module does not start jax."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 # ----------------------------------------------------------------------------- commands
 
 

@@ -5,7 +5,6 @@ python scripts/benchmark.py --rows tiny-unet --json out.json
 python scripts/benchmark.py --device-rows gpu --compare --json gpu.json
 """
 
-import argparse
 import os
 import sys
 
@@ -19,10 +18,11 @@ if __name__ == "__main__":
     tune_process()  # before jax loads, as the `jaxdiff` command does
 
 from jaxdiff import bench  # noqa: E402
+from jaxdiff.cli import ScriptParser  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

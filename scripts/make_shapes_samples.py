@@ -8,7 +8,6 @@ sampler), image i with seed `seed + i`, and shown 2x enlarged (nearest neighbour
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxdiff.cli import ScriptParser  # noqa: E402
 
 PROMPTS = (
     "a small red circle on the left on a blue background",
@@ -52,7 +53,7 @@ def grid(images: np.ndarray, prompts, columns: int = 4, scale: int = 2):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ScriptParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--model", default=None, help="default: the bundled model")
     p.add_argument("--seed", type=int, default=0)

@@ -3,12 +3,11 @@
 python scripts/make_toy_dataset.py OUT_DIR [--count 64] [--size 32] [--seed 0]
 """
 
-import argparse
-
+from jaxdiff.cli import ScriptParser
 from jaxdiff.train.data import write_toy_dataset
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ScriptParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--count", type=int, default=64)
     p.add_argument("--size", type=int, default=32)

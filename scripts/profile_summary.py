@@ -3,17 +3,18 @@
 python scripts/profile_summary.py DIR/*.xplane.pb [--top N]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxdiff.cli import ScriptParser  # noqa: E402
+
 
 def main() -> None:
     from jaxdiff.bench.profile import format_summary, summarize
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ScriptParser(description=__doc__.splitlines()[0])
     p.add_argument("traces", nargs="+", help=".xplane.pb files")
     p.add_argument("--top", type=int, default=15, help="names per line (default 15)")
     args = p.parse_args()

@@ -25,7 +25,6 @@ Each stage resumes from its work directory's last checkpoint when run again. The
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -33,6 +32,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from jaxdiff.cli import ScriptParser
 
 REPO = Path(__file__).resolve().parents[1]
 # Stages 2-5: (config, work directory, exported model), each starting from the one before.
@@ -81,7 +82,7 @@ def train(config: str, workdir: Path, data: Path, model: Path | None = None) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ScriptParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, required=True, help="work folder for data and runs")
     runs = p.parse_args().runs
     data = runs / "shapes-data"

@@ -13,11 +13,12 @@ Attention is traced through XLA's formulation (the CPU's blocked one and cuDNN's
 products), which names its products as batched matrix products.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxdiff.cli import ScriptParser  # noqa: E402
 
 
 def floor_table(preset: str, batch: int, size: int, matmul_tflops: float, bandwidth_tbs: float):
@@ -57,7 +58,7 @@ def floor_table(preset: str, batch: int, size: int, matmul_tflops: float, bandwi
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ScriptParser(description=__doc__.splitlines()[0])
     p.add_argument("preset", help="a preset's name: sd15, sdxl, tiny, ...")
     p.add_argument("batch", type=int)
     p.add_argument("--size", type=int, default=None, help="latent size (default: the preset's)")

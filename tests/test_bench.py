@@ -473,6 +473,35 @@ def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
         assert accepted == ("NO_SUCH" not in flags), (flags, out.stderr[-1000:])
 
 
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("benchmark.py", ["--xla-flags", "nonsense"]),
+        ("benchmark.py", ["--runs", "0"]),
+        ("profile_summary.py", []),
+        ("unet_roofline.py", ["no-such-preset", "2"]),
+        ("unet_roofline.py", ["sd15", "0"]),
+        ("make_toy_dataset.py", ["--count", "many"]),
+        ("make_shapes_samples.py", ["--seed", "x"]),
+        ("train_shapes_model.py", []),
+    ],
+)
+def test_the_scripts_report_a_bad_argument_in_one_line(script, argv):
+    """As the `jaxdiff` command does: one line naming the problem, exit status 2, no usage
+    block and no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / script
+    out = subprocess.run(
+        [sys.executable, str(path), *argv], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert out.stderr.startswith(f"{script}: error: "), out.stderr
+
+
 @pytest.mark.parametrize("argv", [["nonsense"], ["targets", "30"], ["memory", "ten"]])
 def test_the_gpu_script_refuses_a_bad_phase_or_budget_in_one_line(argv):
     import subprocess
