@@ -103,12 +103,11 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # kernels one by one, not in CUDA graphs, so the traced calls attribute time but are not
         # timings. The traces stay outside $OUT (each may be tens of MB); their summary and, if
         # under 15 MiB, an archive of them come back: at most 8 files.
+        # The summary and the archive are made before the A/B groups, so that a run cut short
+        # keeps them (the reply brings back what is in $OUT when the command stops).
         traces=/tmp/jaxdiff-traces
         group dispatch 45 400 --rows dispatch --runs 50 --warmup 5
         group profile 160 240 --rows sd15-unet sdxl-unet --no-compare --profile "$traces"
-        group xla-graphs 80 160 --rows sd15-unet --no-compare --xla-flags graphs
-        group xla-nographs 80 80 --rows sd15-unet --no-compare --xla-flags nographs
-        group xla-gpu "$total" 0 --rows sd15-unet --no-compare --xla-flags gpu
         if [[ "$dry" != 1 ]] && compgen -G "$traces/*.xplane.pb" > /dev/null; then
             python3 scripts/profile_summary.py "$traces"/*.xplane.pb --top 40 \
                 > "$OUT/profile-summary.txt" 2>> "$log"
@@ -120,6 +119,9 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
                     >> "$log"
             fi
         fi
+        group xla-graphs 80 160 --rows sd15-unet --no-compare --xla-flags graphs
+        group xla-nographs 80 80 --rows sd15-unet --no-compare --xla-flags nographs
+        group xla-gpu "$total" 0 --rows sd15-unet --no-compare --xla-flags gpu
         ;;
 esac
 [[ "$dry" == 1 ]] || tail -n 60 "$log"
