@@ -127,6 +127,36 @@ def test_remat_changes_nothing(runs):
     _assert_same_run(runs("remat"), runs("data"), "remat")
 
 
+def test_remat_cuts_what_the_backward_pass_keeps(batch):
+    """The values jax keeps from the loss's forward pass for its backward (the residuals of
+    `jax.vjp`): with remat, little more than the blocks' inputs. This is the saving that a
+    compiler keeping jax's recomputation in the backward pass realizes, as XLA's GPU compiler
+    does; its CPU compiler schedules the recomputation early and saves almost nothing
+    (docs/benchmarks.md, session 12)."""
+    import math
+
+    from jaxdiff.train import step as train_step_module
+
+    def kept_bytes(cfg):
+        run = prepare(cfg, shd.make_mesh(1, 1, jax.devices()[:1]))
+        draws = train_step_module._draws(run.setup, batch, jax.random.key(0))
+
+        def backward(params):
+            loss = functools.partial(
+                train_step_module._unet_loss,
+                frozen=run.frozen,
+                micro={**batch, **draws},
+                setup=run.setup,
+            )
+            return jax.vjp(lambda p: loss(p)[0], params)[1]
+
+        kept = jax.eval_shape(backward, run.abstract["params"])
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(kept))
+
+    plain, remat = kept_bytes(CFG), kept_bytes(dataclasses.replace(CFG, remat=True))
+    assert remat < 0.5 * plain, (remat, plain)
+
+
 def test_gradient_accumulation_equals_one_big_batch(runs):
     _assert_same_run(runs("accum"), runs("single"), "grad_accum=2")
 
