@@ -152,63 +152,38 @@ def flops_of(compiled) -> float | None:
 _FUSED_ATTENTION = (("dot_product_attention_fwd", 1), ("dot_product_attention_bwd", 2))
 
 
-def _eqn_flops(eqn) -> float:
-    """Matrix products and convolutions of one jaxpr equation (2 per multiply-add), with the
-    sub-programs it calls: scan bodies times their length, the costliest branch of a cond."""
+def _product(eqn) -> tuple[str, float] | None:
+    """(kind, FLOPs) of one matrix product ("matmul"; "attention" where it has batch dimensions,
+    as a UNet's only batched products are attention's), convolution ("conv 3x3", by its window)
+    or cuDNN fused attention, 2 per multiply-add; None for any other equation."""
     name = eqn.primitive.name
     if name == "dot_general":
-        (contract, _), _ = eqn.params["dimension_numbers"]
+        (contract, _), (batch, _) = eqn.params["dimension_numbers"]
         lhs = eqn.invars[0].aval.shape
-        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        return ("attention" if batch else "matmul"), flops
     if name == "conv_general_dilated":
         rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
         kernel = eqn.invars[1].aval.shape
         window = kernel[rhs_spec[1]] * math.prod(kernel[d] for d in rhs_spec[2:])
-        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * window
+        kind = "conv " + "x".join(str(kernel[d]) for d in rhs_spec[2:])
+        return kind, 2.0 * math.prod(eqn.outvars[0].aval.shape) * window
     for prefix, factor in _FUSED_ATTENTION:
         if name.startswith(prefix):
             b, t, n, h = eqn.invars[0].aval.shape
-            return factor * 4.0 * b * n * t * eqn.invars[1].aval.shape[1] * h
-    if name == "cond":
-        return max(jaxpr_flops(branch) for branch in eqn.params["branches"])
-    total = sum(jaxpr_flops(v) for v in eqn.params.values() if _is_jaxpr(v))
-    return total * eqn.params["length"] if name == "scan" else total
+            return "attention", factor * 4.0 * b * n * t * eqn.invars[1].aval.shape[1] * h
+    return None
 
 
 def _is_jaxpr(value) -> bool:
     return hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns")
 
 
-def jaxpr_flops(jaxpr) -> float:
-    """Model FLOPs of a (closed) jaxpr: its matrix products, convolutions and cuDNN fused
-    attention, 2 per multiply-add, wherever they sit (jit, remat, custom VJP, scan, cond). The
-    program as traced, before XLA's rewrites: on a GPU, XLA's cost analysis of the compiled
-    program leaves out what it hands to cuBLAS and cuDNN (on an H200 it gave SD 1.5's UNet 150
-    GFLOP at batch 2 and 223 at batch 16, for this count's 1,607 and 12,852; docs/benchmarks.md,
-    session 11). A while loop's body counts once; a shard_map body, once for all devices; a
-    rematerialized forward pass (remat) counts again where the gradient recomputes it."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    return float(sum(_eqn_flops(eqn) for eqn in jaxpr.eqns))
-
-
-def _op_kind(eqn) -> str | None:
-    name = eqn.primitive.name
-    if name == "conv_general_dilated":
-        kernel = eqn.invars[1].aval.shape
-        spatial = eqn.params["dimension_numbers"].rhs_spec[2:]
-        return "conv " + "x".join(str(kernel[d]) for d in spatial)
-    if name == "dot_general":
-        (_, (batch, _)) = eqn.params["dimension_numbers"]
-        return "attention" if batch else "matmul"  # a UNet's batched products are attention's
-    if any(name.startswith(prefix) for prefix, _ in _FUSED_ATTENTION):
-        return "attention"
-    return None
-
-
 def op_breakdown(jaxpr) -> dict[str, dict[str, float]]:
-    """`jaxpr_flops` by kind of op ("conv 3x3", "matmul", "attention"): per kind the number of
-    ops, their FLOPs and their fewest bytes (operands read once, results written once), with
-    scan bodies times their length and a cond's costliest branch, as `jaxpr_flops` counts."""
+    """The model FLOPs of a (closed) jaxpr by kind of op ("conv 3x3", "matmul", "attention"):
+    per kind the number of ops, their FLOPs and their fewest bytes (operands read once, results
+    written once), wherever they sit (jit, remat, custom VJP, scan, cond): scan bodies times their
+    length, a cond's costliest branch. `jaxpr_flops` is their sum."""
     out: dict[str, dict[str, float]] = {}
 
     def add(kind, ops, flops, nbytes, scale=1):
@@ -221,10 +196,10 @@ def op_breakdown(jaxpr) -> dict[str, dict[str, float]]:
         return math.prod(var.aval.shape) * var.aval.dtype.itemsize
 
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-        kind = _op_kind(eqn)
-        if kind is not None:
+        product = _product(eqn)
+        if product is not None:
             nbytes = sum(map(size, eqn.invars)) + sum(map(size, eqn.outvars))
-            add(kind, 1, _eqn_flops(eqn), nbytes)
+            add(product[0], 1, product[1], nbytes)
             continue
         if eqn.primitive.name == "cond":
             subs = [max(eqn.params["branches"], key=jaxpr_flops)]
@@ -235,6 +210,17 @@ def op_breakdown(jaxpr) -> dict[str, dict[str, float]]:
             for k, row in op_breakdown(sub).items():
                 add(k, row["ops"], row["flops"], row["bytes"], scale)
     return out
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Model FLOPs of a (closed) jaxpr: its matrix products, convolutions and cuDNN fused
+    attention, 2 per multiply-add, counted as `op_breakdown` counts them. The program as traced,
+    before XLA's rewrites: on a GPU, XLA's cost analysis of the compiled program leaves out what
+    it hands to cuBLAS and cuDNN (on an H200 it gave SD 1.5's UNet 150 GFLOP at batch 2 and 223 at
+    batch 16, for this count's 1,607 and 12,852; docs/benchmarks.md, session 11). A while loop's
+    body counts once; a shard_map body, once for all devices; a rematerialized forward pass
+    (remat) counts again where the gradient recomputes it."""
+    return float(sum(row["flops"] for row in op_breakdown(jaxpr).values()))
 
 
 def memory_of(compiled) -> int | None:
