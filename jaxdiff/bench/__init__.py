@@ -1,6 +1,6 @@
 """Benchmarks of jaxdiff against diffusers (PyTorch): model steps, pipelines, training.
 
-Random weights at the real sizes; nothing is downloaded. Two sets of rows:
+Random weights at the real sizes; nothing is downloaded. Two sets of rows by default:
 
 - `cpu`: micro-benchmarks (self-attention over 4096 tokens, a 3x3 convolution) and the tiny
   preset's UNet step, train step and text-to-image, each next to its PyTorch peer in the same
@@ -9,12 +9,15 @@ Random weights at the real sizes; nothing is downloaded. Two sets of rows:
   25-step text-to-image, the SD 1.5 train step, the largest SD 1.5 and SDXL text-to-image batch
   one device holds), in bfloat16; with `compare`, diffusers in float16 with SDPA attention.
 
+There are also `opt-in` rows, run only when named: SD 1.5's UNet and its loading on the CPU, and
+`dispatch` (a call's cost per parameter array).
+
 How a figure is made: a jax program is lowered and compiled first (`compile_s`; the persistent
 compilation cache is off unless asked for, so this is a cold compile), then called `warmup`
 times, then `runs` times, each call ending in `block_until_ready` (torch: `cuda.synchronize`);
 the figure is the median. FLOPs are model FLOPs counted from the traced program
 (`jaxpr_flops`: its matrix products, convolutions and cuDNN attention, loops times their length;
-XLA's cost analysis of the compiled program leaves out on a GPU what it hands to cuBLAS and
+`op_breakdown` splits the count by kind of op, with each kind's fewest bytes; XLA's cost analysis of the compiled program leaves out on a GPU what it hands to cuBLAS and
 cuDNN); a GPU whose dense bf16 peak is known gets model FLOPs utilization, anything else
 achieved GFLOP/s. `memory_bytes` is the compiled program's arguments, outputs
 and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none. `page_faults`
@@ -38,6 +41,8 @@ The parts, each importing only those before it:
 
 - `jaxdiff.bench.harness`: measuring (`time_calls`, `measure_jax`, `measure_torch`, FLOPs,
   memory, the peer ratio), `Row`, and the report (`run`, `validate`, `table`, the schema).
+- `jaxdiff.bench.profile`: jax's profiler around a case's calls (`--profile`) and a summary of
+  the trace (`summarize`, `timeline`; scripts/profile_summary.py).
 - `jaxdiff.bench.memory`: the largest batch that fits (`largest_batch`, `device_budget`) and its
   row (`max_batch_sampling`).
 - `jaxdiff.bench.rows`: the PyTorch peers and the rows (`ROWS`, `select_rows`).
