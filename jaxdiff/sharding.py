@@ -19,6 +19,7 @@ of images over all devices.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -156,6 +157,73 @@ def describe(shardings) -> dict[str, str]:
         key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         out[key] = str(tuple(spec))
     return out
+
+
+# ----------------------------------------------------------------------------- placement
+
+# The memory order (major to minor) in which each platform's convolutions read a kernel that
+# flax stores as [kh, kw, in, out]. On a GPU, XLA hands NHWC convolutions to cuDNN, which reads
+# [out, kh, kw, in]. A kernel in the default (row-major) order is then transposed by XLA on every
+# call of a program that takes it as an argument: 98 transposes, 1.2 GB read and written, for
+# SD 1.5's UNet in bfloat16 (XLA's program for an H200, compiled without a device,
+# docs/benchmarks.md, session 13). Inside a jitted sampling loop XLA hoists them out, and keeps the
+# transposed copy for the whole call. The CPU's convolutions read the default order.
+CONV_KERNEL_LAYOUTS = {"gpu": (3, 0, 1, 2)}
+
+
+def _layout_api():
+    try:
+        from jax.experimental.layout import Format, Layout
+    except ImportError:  # a jax without the layout API: the default order everywhere
+        return None
+    return Format, Layout
+
+
+def _platform(sharding) -> str:
+    return next(iter(sharding.device_set)).platform
+
+
+def put_params(params, shardings, platform: str | None = None):
+    """`jax.device_put(params, shardings)`, with each convolution kernel (a 4-D `kernel`) laid
+    out in memory as the platform's convolutions read it (`CONV_KERNEL_LAYOUTS`; `platform`
+    defaults to the devices').
+
+    `shardings` is one sharding for every array or a matching tree of them. A jitted function
+    takes such arrays as they are: jax compiles it for their layout, so XLA transposes nothing.
+    Each call's dispatch checks their layouts, about 1 us an array on this project's CPU (0.1 ms
+    for SD 1.5's 98 kernels; docs/benchmarks.md). A runtime that refuses the layout gets the
+    default order, with a warning.
+    """
+    api = _layout_api()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if isinstance(shardings, jax.sharding.Sharding):
+        targets = [shardings] * len(leaves)
+    else:
+        targets = treedef.flatten_up_to(shardings)
+    out, laid = [], 0
+    for (path, leaf), sharding in zip(leaves, targets, strict=True):
+        order = CONV_KERNEL_LAYOUTS.get(platform or _platform(sharding))
+        last = path[-1] if path else None
+        if (
+            api is not None
+            and order is not None
+            and getattr(last, "key", None) == "kernel"
+            and np.ndim(leaf) == 4
+        ):
+            format_, layout = api
+            sharding, laid = format_(layout(major_to_minor=order), sharding), laid + 1
+        out.append(sharding)
+    if laid:
+        try:
+            return jax.device_put(params, jax.tree_util.tree_unflatten(treedef, out))
+        except (ValueError, TypeError, NotImplementedError, jax.errors.JaxRuntimeError) as error:
+            # A runtime that refuses the layout: XLA transposes the kernels, as without it.
+            warnings.warn(
+                f"convolution kernels placed in the default memory order ({error})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return jax.device_put(params, jax.tree_util.tree_unflatten(treedef, targets))
 
 
 # ----------------------------------------------------------------------------- batches

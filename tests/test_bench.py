@@ -618,9 +618,14 @@ def test_the_dispatch_row_passes_each_unet_parameter_array(monkeypatch):
 
     monkeypatch.setattr(bench.rows, "measure_jax", spy)
     results = dispatch_micro(bench.Context(runs=2, warmup=0, compare=False), "dispatch", "tiny")
-    n = len(jax.tree_util.tree_leaves(abstract_params(PRESETS["tiny"].unet)))
-    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1]
+    abstract = abstract_params(PRESETS["tiny"].unet)
+    n = len(jax.tree_util.tree_leaves(abstract))
+    kernels = sum(a.ndim == 4 for a in jax.tree_util.tree_leaves(abstract))
+    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1, n]
     assert [r.case for r in results] == [
         f"tiny unet: {n} arrays, a call",
         f"tiny unet: {n} values in 1 array",
+        f"tiny unet: {n} arrays, {kernels} in the GPU's kernel layout, a call",
     ]
+    orders = [a.format.layout.major_to_minor for a in jax.tree_util.tree_leaves(seen[2])]
+    assert orders.count((3, 0, 1, 2)) == kernels > 0

@@ -62,6 +62,22 @@ def test_fsdp_sharded_parameters_give_the_same_images(weights, pipe):
     assert_close(a.images, b.images, "replicated vs FSDP-sharded parameters")
 
 
+def test_conv_kernels_laid_out_for_the_device_give_the_same_images(weights, pipe, monkeypatch):
+    """The pipeline places each convolution kernel in the order the devices' convolutions read
+    (on a GPU, [out, kh, kw, in]; `jaxdiff.sharding.put_params`), and its programs take it so:
+    here the CPU is told to use the GPU's order."""
+    from jaxdiff import sharding
+
+    monkeypatch.setitem(sharding.CONV_KERNEL_LAYOUTS, "cpu", (3, 0, 1, 2))
+    laid = StableDiffusion(weights)
+    kernel = laid.params["unet"]["conv_in"]["kernel"]
+    assert kernel.format.layout.major_to_minor == (3, 0, 1, 2)
+    assert pipe.params["unet"]["conv_in"]["kernel"].format.layout.major_to_minor == (0, 1, 2, 3)
+    a = pipe.generate("a blue square", seed=3, batch=2, **KW)
+    b = laid.generate("a blue square", seed=3, batch=2, **KW)
+    assert_close(b.images, a.images, "conv kernels in [out, kh, kw, in] order vs the default")
+
+
 def test_seed_guidance_and_prompt_do_not_recompile(pipe):
     pipe.generate("warm up", seed=0, **KW)
     before = _denoise_jit._cache_size()

@@ -84,3 +84,68 @@ def test_batch_helpers():
     np.testing.assert_array_equal(np.asarray(arr), x)
     rep = jax.device_put(x, shd.replicated(mesh))
     assert rep.sharding.is_fully_replicated
+
+
+def _unet_and_inputs():
+    import functools
+
+    from jaxdiff.models.build import module_for, random_params
+
+    config = PRESETS["tiny"].unet
+    module = module_for(config)
+    rng = np.random.default_rng(0)
+    inputs = {
+        k: rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in module.dummy_inputs(2, 16, 16).items()
+    }
+    inputs["timesteps"] = np.array([10, 500], np.int32)
+    step = jax.jit(lambda p, x: module.apply({"params": p}, **x))
+    return config, random_params(config, 0), functools.partial(step, x=inputs)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_put_params_lays_conv_kernels_out_for_the_platform(fsdp):
+    """On a GPU every 4-D `kernel` is placed as [out, kh, kw, in] in memory, the order cuDNN reads:
+    the values, the shardings and a jitted UNet's output are those of the default placement."""
+    config, params, step = _unet_and_inputs()
+    mesh = shd.make_mesh(2, 4)
+    shardings = (
+        shd.param_shardings(params, logical_axes(config), mesh) if fsdp else shd.replicated(mesh)
+    )
+    plain = shd.put_params(params, shardings)  # the CPU: default order everywhere
+    laid = shd.put_params(params, shardings, platform="gpu")
+    kernels = 0
+    for (path, a), b, host in zip(
+        jax.tree_util.tree_leaves_with_path(plain),
+        jax.tree_util.tree_leaves(laid),
+        jax.tree_util.tree_leaves(params),
+        strict=True,
+    ):
+        conv = path[-1].key == "kernel" and a.ndim == 4
+        kernels += conv
+        assert a.format.layout.major_to_minor == tuple(range(a.ndim))
+        expected = (3, 0, 1, 2) if conv else tuple(range(a.ndim))
+        assert b.format.layout.major_to_minor == expected, jax.tree_util.keystr(path)
+        assert b.sharding == a.sharding
+        np.testing.assert_array_equal(np.asarray(b), host)
+    assert kernels > 10
+    np.testing.assert_array_equal(np.asarray(step(laid)), np.asarray(step(plain)))
+
+
+def test_put_params_falls_back_to_the_default_order_where_refused(monkeypatch):
+    from jax.experimental.layout import Format
+
+    params = {"conv": {"kernel": np.ones((3, 3, 2, 4), np.float32), "bias": np.zeros(4)}}
+    put = jax.device_put
+
+    def refusing(tree, targets):
+        if any(isinstance(t, Format) for t in jax.tree_util.tree_leaves(targets)):
+            raise ValueError("layout not supported")
+        return put(tree, targets)
+
+    monkeypatch.setattr(jax, "device_put", refusing)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.warns(RuntimeWarning, match="default memory order.*layout not supported"):
+        out = shd.put_params(params, device, platform="gpu")
+    assert out["conv"]["kernel"].format.layout.major_to_minor == (0, 1, 2, 3)
+    np.testing.assert_array_equal(np.asarray(out["conv"]["kernel"]), params["conv"]["kernel"])

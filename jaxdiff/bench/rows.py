@@ -88,13 +88,16 @@ def _dtypes(dtype_name: str):
 
 @functools.lru_cache(maxsize=1)
 def _device_params(config, dtype_name: str):
-    """Random parameters on the device; kept for the next case of the same model (SDXL's take
-    half a minute to draw on the host)."""
+    """Random parameters on the device, convolution kernels in the order its convolutions read
+    (`put_params`), as the pipelines place them; kept for the next case of the same model (SDXL's
+    take half a minute to draw on the host)."""
     import jax
 
     from jaxdiff.models.build import random_params
+    from jaxdiff.sharding import put_params
 
-    return jax.device_put(random_params(config, 0, param_dtype=_dtypes(dtype_name)[1]))
+    params = random_params(config, 0, param_dtype=_dtypes(dtype_name)[1])
+    return put_params(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def unet_step(ctx: Context, preset: str, batch: int, size: int, dtype_name: str, row: str):
@@ -648,23 +651,42 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
     UNet's parameter arrays (SD 1.5's 686; one element each here), against the same elements in
     one array. On a GPU, where the runtime tracks each buffer of a call, the difference is what a
     UNet step call pays for taking its parameters one array each: on an H200 one SD 1.5 UNet call
-    at b2 took 11.3 ms, a step of the sampler's scan (its parameters passed once) at most 8.2."""
+    at b2 took 11.3 ms, a step of the sampler's scan (its parameters passed once) at most 8.2.
+    A third case places the convolution kernels as `put_params` does on a GPU: jax checks each
+    one's layout on every call."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from jaxdiff.models.build import abstract_params
     from jaxdiff.models.presets import PRESETS
+    from jaxdiff.sharding import put_params
 
-    n = len(jax.tree_util.tree_leaves(abstract_params(PRESETS[preset].unet)))
+    abstract = abstract_params(PRESETS[preset].unet)
+    n = len(jax.tree_util.tree_leaves(abstract))
     each = [jnp.full((1,), i, jnp.float32) for i in range(n)]
     packed = jnp.arange(n, dtype=jnp.float32)
+    # The same tree with each 4-D kernel a [1, 1, 2, 2] array, placed as the pipelines place
+    # them on a GPU: a call's cost for checking the layout of those arrays.
+    shaped = jax.tree_util.tree_map(
+        lambda a: np.zeros((1, 1, 2, 2) if len(a.shape) == 4 else (1,), np.float32), abstract
+    )
+    laid = put_params(shaped, jax.sharding.SingleDeviceSharding(jax.devices()[0]), "gpu")
+    kernels = sum(len(a.shape) == 4 for a in jax.tree_util.tree_leaves(abstract))
 
     def read_each(arrays):
-        return jnp.stack([a[0] for a in arrays]).sum()
+        return jnp.stack([a.reshape(-1)[0] for a in jax.tree_util.tree_leaves(arrays)]).sum()
 
     return [
         measure_jax(ctx, read_each, (each,), row=row, case=f"{preset} unet: {n} arrays, a call"),
         measure_jax(ctx, jnp.sum, (packed,), row=row, case=f"{preset} unet: {n} values in 1 array"),
+        measure_jax(
+            ctx,
+            read_each,
+            (laid,),
+            row=row,
+            case=f"{preset} unet: {n} arrays, {kernels} in the GPU's kernel layout, a call",
+        ),
     ]
 
 

@@ -32,7 +32,13 @@ from jaxdiff.models.unet import UNetConfig
 from jaxdiff.models.vae import VAEConfig, scale_latents, unscale_latents
 from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl, sdxl_time_ids
 from jaxdiff.schedules import ScheduleConfig
-from jaxdiff.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from jaxdiff.sharding import (
+    batch_sharding,
+    make_mesh,
+    param_shardings,
+    put_params,
+    replicated,
+)
 from jaxdiff.tokenizer import tokenize
 
 # The sampler each diffusers scheduler class stands for: a folder's own scheduler is the default.
@@ -775,7 +781,8 @@ class StableDiffusion:
 
 
 def _place_params(weights: PipelineWeights, mesh, shard: bool, dtype: str = "float32"):
-    """Replicated on every device, or sharded by the models' logical axis rules (FSDP).
+    """Replicated on every device, or sharded by the models' logical axis rules (FSDP); each
+    convolution kernel in the memory order the devices' convolutions read (`put_params`).
 
     With a 16-bit compute dtype the parameters are stored in it too, as diffusers' float16
     pipelines do: half the memory, and no cast of every weight on every call. The modules still
@@ -790,12 +797,12 @@ def _place_params(weights: PipelineWeights, mesh, shard: bool, dtype: str = "flo
             params,
         )
     if not shard:
-        return jax.device_put(params, replicated(mesh))
+        return put_params(params, replicated(mesh))
     shardings = {
         name: param_shardings(params[name], logical_axes(config), mesh)
         for name, config in weights.configs.items()
     }
-    return jax.device_put(params, shardings)
+    return put_params(params, shardings)
 
 
 def extend_canvas(image: np.ndarray, extend, factor: int):
