@@ -170,6 +170,74 @@ def test_the_roofline_script_covers_the_unets_whole_count(monkeypatch):
     )
 
 
+# The entry computation of an XLA GPU program's text (trimmed from SD 1.5's UNet compiled for an
+# H200 by scripts/gpu_program.py): a convolution kernel transposed for cuDNN, a convolution,
+# a merged matrix product, a normalization and free instructions.
+GPU_PROGRAM = """HloModule jit_step, entry_computation_layout={...}
+
+%fused_transpose (param_0: bf16[3,3,4,320]) -> bf16[320,3,3,4] {
+  %param_0 = bf16[3,3,4,320]{3,2,1,0} parameter(0)
+  ROOT %transpose.1 = bf16[320,3,3,4]{3,2,1,0} transpose(%param_0), dimensions={3,0,1,2}
+}
+
+ENTRY %main.234 (p.kernel: bf16[3,3,4,320], p.bias: bf16[320], x: bf16[2,64,64,4]) -> bf16[2,64,64,320] {
+  %p.kernel = bf16[3,3,4,320]{3,2,1,0} parameter(0), sharding={replicated}
+  %p.bias = bf16[320]{0} parameter(1), sharding={replicated}
+  %x = bf16[2,64,64,4]{3,2,1,0} parameter(2), sharding={replicated}
+  %wrapped_transpose = bf16[320,3,3,4]{3,2,1,0} fusion(%p.kernel), kind=kInput, calls=%fused_transpose
+  %wrapped_convert = f32[320]{0} fusion(%p.bias), kind=kLoop, calls=%fused_convert
+  %cudnn-conv-bias-activation = (bf16[2,64,64,320]{3,2,1,0}, u8[0]{0}) custom-call(%x, %wrapped_transpose, %p.bias), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convBiasActivationForward"
+  %get-tuple-element = bf16[2,64,64,320]{3,2,1,0} get-tuple-element(%cudnn-conv-bias-activation), index=0
+  %bitcast.1 = bf16[8192,320]{1,0} bitcast(%get-tuple-element)
+  %gemm_fusion_dot = bf16[8192,960]{1,0} fusion(%bitcast.1, %p.kernel), kind=kCustom, calls=%gemm, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %fusion.5 = bf16[8192,320]{1,0} fusion(%gemm_fusion_dot), kind=kCustom, calls=%norm, backend_config={"fusion_backend_config":{"kind":"__triton"}}
+  %attention = (bf16[2,8,4096,40]{3,1,2,0}, u8[0]{0}) custom-call(%fusion.5, %fusion.5, %fusion.5), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %loop_add_fusion = bf16[2,64,64,320]{3,2,1,0} fusion(%get-tuple-element, %wrapped_convert), kind=kLoop, calls=%fused_add
+}
+"""
+
+
+def test_gpu_program_summary_counts_each_launch_and_the_work_on_weights_alone():
+    from jaxdiff.bench.gpu_program import summarize
+
+    summary = summarize(GPU_PROGRAM)
+    assert summary["kernels"] == {
+        "XLA fusion (elementwise, reductions, copies)": 3,
+        "cuDNN convolution": 1,
+        "Triton matrix product": 1,
+        "Triton fusion (norms, softmax)": 1,
+        "cuDNN attention": 1,
+    }
+    assert summary["total"] == 7
+    # The transpose and the bias's cast read parameters only; the product reads an activation.
+    assert summary["relayouts"] == [
+        ("wrapped_transpose", "XLA fusion (elementwise, reductions, copies)", 320 * 9 * 4 * 2),
+        ("wrapped_convert", "XLA fusion (elementwise, reductions, copies)", 320 * 4),
+    ]
+    with pytest.raises(ValueError, match="no ENTRY"):
+        summarize("HloModule empty")
+
+
+def test_gpu_program_script_needs_the_cuda_plugin_and_says_so_in_one_line():
+    """Without jax's CUDA plugin (this machine, CI) the script cannot compile for a GPU: one
+    line naming what it needs, exit status 2."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("jax_plugins") is not None:
+        pytest.skip("a jax plugin is installed here")
+    path = Path(__file__).parents[1] / "scripts" / "gpu_program.py"
+    out = subprocess.run(
+        [sys.executable, str(path), "tiny", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_program.py: "), out.stderr
+    assert "jax-cuda12-plugin" in lines[0]
+
+
 def test_jaxpr_flops_counts_cudnn_fused_attention_by_its_primitives():
     """cuDNN's kernel cannot be traced without a GPU; stand-ins with jax's primitive names."""
     from jax.extend.core import Primitive
@@ -481,6 +549,8 @@ def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
         ("profile_summary.py", []),
         ("unet_roofline.py", ["no-such-preset", "2"]),
         ("unet_roofline.py", ["sd15", "0"]),
+        ("gpu_program.py", ["no-such-preset", "2"]),
+        ("gpu_program.py", ["sd15", "2", "--target", "a100"]),
         ("make_toy_dataset.py", ["--count", "many"]),
         ("make_shapes_samples.py", ["--seed", "x"]),
         ("train_shapes_model.py", []),
