@@ -48,6 +48,10 @@ The parts, each importing only those before it:
 - `jaxdiff.bench.rows`: the PyTorch peers and the rows (`ROWS`, `select_rows`).
 - `jaxdiff.bench.cli`: the flags (`add_arguments`) and `main`, which `scripts/benchmark.py` and
   `jaxdiff bench` call; docs/benchmarks.md holds the figures.
+
+Apart from the benchmark, `jaxdiff.bench.gpu_program` compiles a UNet step or VAE decode for an
+H100 or H200 without a GPU (through jax's CUDA plugin, where installed) and counts the kernels of
+XLA's program (`compile_case`, `summarize`; scripts/gpu_program.py).
 """
 
 from jaxdiff.bench.cli import add_arguments, main
