@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SET",
         help="append these candidate sets to XLA_FLAGS before jax starts: 'gpu' (cuBLAS for "
         "every GEMM, the latency-hiding scheduler), 'graphs' (convolutions in CUDA graphs too), "
-        "'nographs' (no CUDA graphs); 'default' adds none",
+        "'nographs' (no CUDA graphs), 'nomerge' (no merged matrix products); 'default' adds "
+        "none",
     )
     p.add_argument(
         "--memory-gib",

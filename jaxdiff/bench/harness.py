@@ -38,8 +38,20 @@ GRAPH_XLA_FLAGS = "--xla_gpu_enable_command_buffer=+CONVOLUTION"
 # one explanation of session 11's ~3 ms per UNet call more than a step of the sampler's scan
 # (docs/benchmarks.md): graphs recorded once and updated on each call for new buffer addresses.
 NO_GRAPH_XLA_FLAGS = "--xla_gpu_enable_command_buffer="
+# No merging of matrix products that share an input. XLA concatenates their weights on every call
+# (the 22 time-embedding projections of SD 1.5's resnets; all of SDXL's cross-attention key and
+# value projections, 681 MB) and copies each part of the product's result out: for cuDNN's
+# attention, every self-attention's q, k and v (SDXL b8: 180 copies, about 7.5 GB moved). Seen in
+# XLA's program for an H200 compiled without a GPU (scripts/gpu_program.py, docs/benchmarks.md,
+# session 13); separate products are smaller. A candidate, not yet measured.
+NO_MERGE_XLA_FLAGS = "--xla_gpu_dot_merger_threshold_mb=0"
 # `--xla-flags NAME ...`: the sets, appended to XLA_FLAGS before jax starts.
-XLA_FLAG_SETS = {"gpu": GPU_XLA_FLAGS, "graphs": GRAPH_XLA_FLAGS, "nographs": NO_GRAPH_XLA_FLAGS}
+XLA_FLAG_SETS = {
+    "gpu": GPU_XLA_FLAGS,
+    "graphs": GRAPH_XLA_FLAGS,
+    "nographs": NO_GRAPH_XLA_FLAGS,
+    "nomerge": NO_MERGE_XLA_FLAGS,
+}
 
 
 def with_xla_flag_sets(current: str, names) -> str:
