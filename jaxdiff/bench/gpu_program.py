@@ -22,8 +22,9 @@ import math
 import re
 from collections import Counter
 
-# XLA's GpuTargetConfigProto text: the chip's figures (CUDA 12.8, cuDNN 9.10, the device
-# machine's; an H100 SXM's and an H200's from their data sheets).
+# XLA's GpuTargetConfigProto text: the chip's figures, an H100 SXM's and an H200's from their
+# data sheets (132 SMs, compute capability 9.0, 50 MB of L2); CUDA 12.8 and cuDNN 9.10 stand in
+# for the runtime, which the device machine's jax 0.11.2 may not match.
 _DEVICE_INFO = """gpu_device_info {{
   threads_per_block_limit: 1024
   threads_per_warp: 32
