@@ -103,15 +103,13 @@ def _unet_and_inputs():
     return config, random_params(config, 0), functools.partial(step, x=inputs)
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_put_params_lays_conv_kernels_out_for_the_platform(fsdp):
+def test_put_params_lays_conv_kernels_out_for_the_platform():
     """On a GPU every 4-D `kernel` is placed as [out, kh, kw, in] in memory, the order cuDNN reads:
-    the values, the shardings and a jitted UNet's output are those of the default placement."""
+    the values, the shardings (FSDP here; replicated in tests/test_pipelines.py) and a jitted
+    UNet's output are those of the default placement."""
     config, params, step = _unet_and_inputs()
-    mesh = shd.make_mesh(2, 4)
-    shardings = (
-        shd.param_shardings(params, logical_axes(config), mesh) if fsdp else shd.replicated(mesh)
-    )
+    mesh = shd.make_mesh(1, 2, devices=jax.devices()[:2])
+    shardings = shd.param_shardings(params, logical_axes(config), mesh)
     plain = shd.put_params(params, shardings)  # the CPU: default order everywhere
     laid = shd.put_params(params, shardings, platform="gpu")
     kernels = 0
@@ -129,6 +127,8 @@ def test_put_params_lays_conv_kernels_out_for_the_platform(fsdp):
         assert b.sharding == a.sharding
         np.testing.assert_array_equal(np.asarray(b), host)
     assert kernels > 10
+    specs = [str(k.sharding.spec) for k in jax.tree_util.tree_leaves(laid) if k.ndim == 4]
+    assert any("fsdp" in spec for spec in specs)  # laid out and split over devices at once
     np.testing.assert_array_equal(np.asarray(step(laid)), np.asarray(step(plain)))
 
 
