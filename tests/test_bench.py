@@ -170,7 +170,7 @@ def test_the_roofline_script_covers_the_unets_whole_count(monkeypatch):
     )
 
 
-# The entry computation of an XLA GPU program's text (trimmed from SD 1.5's UNet compiled for an
+# The entry computation of an XLA GPU program's text (modeled on SD 1.5's UNet compiled for an
 # H200 by scripts/gpu_program.py): a convolution kernel transposed for cuDNN, a convolution,
 # a merged matrix product, a normalization and free instructions.
 GPU_PROGRAM = """HloModule jit_step, entry_computation_layout={...}
