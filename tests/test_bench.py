@@ -551,6 +551,8 @@ def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
         ("unet_roofline.py", ["sd15", "0"]),
         ("gpu_program.py", ["no-such-preset", "2"]),
         ("gpu_program.py", ["sd15", "2", "--target", "a100"]),
+        ("gpu_program.py", ["sd15", "2", "--vae", "--train"]),
+        ("gpu_program.py", ["sd15", "2", "--remat"]),
         ("make_toy_dataset.py", ["--count", "many"]),
         ("make_shapes_samples.py", ["--seed", "x"]),
         ("train_shapes_model.py", []),

@@ -12,12 +12,16 @@ fusions, cuDNN calls, layout changes, the memory it plans) is the GPU compiler's
 reads the compiled program's text (`Compiled.as_text()`), so it works on any such text.
 
 The program is the one jaxdiff runs on a GPU: `layers.attention` takes its GPU path (cuDNN's
-fused attention where jax allows its head size), and the parameters are placed as
-`jaxdiff.sharding.put_params` places them on a GPU (`default_layout=True`: as before it).
+fused attention where jax allows it), and the parameters are placed as
+`jaxdiff.sharding.put_params` places them on a GPU (`default_layout=True`: as before it). A
+train step's memory analysis is XLA's plan for the target: whether it fits the card, before a
+device is spent on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import re
 from collections import Counter
@@ -128,19 +132,27 @@ def summarize(hlo_text: str) -> dict:
 
 
 def compile_case(
-    preset: str, batch: int, *, vae: bool = False, target: str = "h200", default_layout=False
+    preset: str,
+    batch: int,
+    *,
+    vae: bool = False,
+    train: bool = False,
+    remat: bool = False,
+    target: str = "h200",
+    default_layout=False,
 ):
-    """A UNet step (`vae=False`; the preset's latent size) or a VAE decode to `batch` images of
-    the preset's size, in bfloat16, compiled for `target` without a device: (the compiled
-    program, its memory analysis). Raises RuntimeError where jax has no CUDA plugin."""
+    """A UNet step (the preset's latent size), a VAE decode to `batch` images of the preset's
+    size (`vae`), or a train step of the UNet on `batch` cached latents at the preset's size
+    (`train`, with `remat`: jaxdiff.train's step, as the bench's train rows run it), in
+    bfloat16, compiled for `target` without a device: (the compiled program, its memory
+    analysis). Raises RuntimeError where jax has no CUDA plugin."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
 
-    from jaxdiff.models import layers
     from jaxdiff.models.build import abstract_params, module_for
     from jaxdiff.models.presets import PRESETS
-    from jaxdiff.sharding import CONV_KERNEL_LAYOUTS
+    from jaxdiff.sharding import CONV_KERNEL_LAYOUTS, MESH_AXES
 
     try:
         topology = topologies.get_topology_desc(
@@ -151,7 +163,7 @@ def compile_case(
             "compiling for a GPU without one needs jax's CUDA plugin for this jaxlib "
             f"(jax-cuda12-plugin and jax-cuda12-pjrt {jax.__version__}): {error}"
         ) from None
-    mesh = topologies.make_mesh(topology, (1,), ("gpu",))
+    mesh = topologies.make_mesh(topology, (1, 1), MESH_AXES)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     order = None if default_layout else CONV_KERNEL_LAYOUTS["gpu"]
 
@@ -163,35 +175,104 @@ def compile_case(
             where = Format(Layout(major_to_minor=order), sharding)
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where)
 
-    config = PRESETS[preset].vae if vae else PRESETS[preset].unet
-    module = module_for(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    params = jax.tree_util.tree_map_with_path(placed, abstract_params(config, jnp.bfloat16))
-    if vae:
-        size = PRESETS[preset].unet.sample_size
-        inputs = jax.ShapeDtypeStruct((batch, size, size, 4), jnp.bfloat16, sharding=sharding)
+    with _as_on_the_target():
+        if train:
+            program, args = _train_program(preset, batch, remat, mesh)
+        else:
+            config = PRESETS[preset].vae if vae else PRESETS[preset].unet
+            module = module_for(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+            params = jax.tree_util.tree_map_with_path(placed, abstract_params(config, jnp.bfloat16))
+            if vae:
+                size = PRESETS[preset].unet.sample_size
+                inputs = jax.ShapeDtypeStruct(
+                    (batch, size, size, 4), jnp.bfloat16, sharding=sharding
+                )
 
-        def program(p, z):
-            return module.apply({"params": p}, z, method="decode")
+                def program(p, z):
+                    return module.apply({"params": p}, z, method="decode")
 
-    else:
-        size = config.sample_size
-        inputs = {
-            k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=sharding)
-            for k, v in module.dummy_inputs(batch, size, size).items()
-        }
-        inputs["timesteps"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+            else:
+                size = config.sample_size
+                inputs = {
+                    k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=sharding)
+                    for k, v in module.dummy_inputs(batch, size, size).items()
+                }
+                inputs["timesteps"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
 
-        def program(p, x):
-            return module.apply({"params": p}, **x)
+                def program(p, x):
+                    return module.apply({"params": p}, **x)
 
+            program, args = jax.jit(program), (params, inputs)
+        compiled = program.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    return compiled, compiled.memory_analysis()
+
+
+def _train_program(preset: str, batch: int, remat: bool, mesh):
+    """jaxdiff.train's jitted step and its abstract arguments (the state, `batch` cached
+    latents at the preset's resolution, a key) on `mesh`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdiff.bench.rows import _train_config
+    from jaxdiff.models.presets import PRESETS
+    from jaxdiff.sharding import batch_sharding, replicated
+    from jaxdiff.train import state as st
+    from jaxdiff.train.loop import prepare
+    from jaxdiff.train.step import jit_train_step
+
+    resolution = PRESETS[preset].unet.sample_size * 8
+    run = prepare(_train_config(preset, resolution, batch, "bfloat16", remat), mesh)
+    frozen = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+        run.frozen,
+        run.frozen_shardings,
+    )
+    h, w, c = run.setup.latent_shape
+    rows = batch_sharding(mesh)
+    data = {
+        "latents": jax.ShapeDtypeStruct((batch, h, w, 2 * c), jnp.float32, sharding=rows),
+        "input_ids": jax.ShapeDtypeStruct((batch, 77), jnp.int32, sharding=rows),
+    }
+    if run.setup.sdxl:
+        data["input_ids_2"] = jax.ShapeDtypeStruct((batch, 77), jnp.int32, sharding=rows)
+        data["time_ids"] = jax.ShapeDtypeStruct((batch, 6), jnp.float32, sharding=rows)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+    step = jit_train_step(run.setup, run.state_shardings, mesh)
+    return step, (st.assemble_state(run.abstract, frozen), data, key)
+
+
+@contextlib.contextmanager
+def _as_on_the_target():
+    """What jax and jaxdiff would ask a device, answered for the target: its cuDNN and compute
+    capability (9.0); `layers.attention`'s GPU path, and in place of its probe compile of cuDNN's
+    attention, the same attention lowered for the target, where jax's own limits apply (the VAE's
+    head of 512 and the backward of cross-attention over 77 tokens go to XLA's attention)."""
+    import jax
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
-    # What jax and jaxdiff would ask a device: the target's cuDNN and compute capability (9.0),
-    # and, for `layers.attention`, jax's own limits on cuDNN's head size on Hopper (the VAE's
-    # 512 goes to XLA's attention) in place of the probe compile.
+    from jaxdiff.models import layers
+
+    @functools.cache
+    def lowers(part, t, s, heads, head_dim, dtype, is_causal):
+        q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
+        kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
+        forward = functools.partial(layers._fused, is_causal=is_causal)
+
+        def forward_and_backward(q, k, v):
+            out, pull = jax.vjp(forward, q, k, v)
+            return out, pull(out)
+
+        fn = forward if part == "forward" else forward_and_backward
+        try:
+            jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+        except Exception:  # jax's refusal: XLA's attention, as on a device
+            return False
+        return True
+
     patches = [
         (layers, "_backend", lambda: "gpu"),
-        (layers, "_cudnn_compiles", lambda part, t, s, n, dim, *_: dim % 8 == 0 and dim <= 256),
+        (layers, "_cudnn_compiles", lowers),
         (cudnn_attention, "check_cudnn_version", lambda: CUDNN_VERSION),
         (cudnn_attention, "check_compute_capability", lambda c: _capability(c) <= (9, 0)),
         (cudnn_attention, "is_cuda_compute_capability_equal", lambda c: _capability(c) == (9, 0)),
@@ -200,12 +281,10 @@ def compile_case(
     try:
         for owner, name, value in patches:
             setattr(owner, name, value)
-        lowered = jax.jit(program).trace(params, inputs).lower(lowering_platforms=("cuda",))
-        compiled = lowered.compile()
+        yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
-    return compiled, compiled.memory_analysis()
 
 
 def _capability(text: str) -> tuple[int, ...]:
