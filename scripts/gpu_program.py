@@ -53,6 +53,11 @@ def main() -> None:
         p.error("batch must be >= 1")
     if args.vae and args.train or args.remat and not args.train:
         p.error("--vae and --train exclude each other; --remat goes with --train")
+    if args.train and args.default_layout:
+        p.error(
+            "--default-layout is for --vae and the UNet step (a train step's weights are "
+            "float32 masters, cast each step)"
+        )
     import jax
 
     try:

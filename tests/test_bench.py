@@ -553,6 +553,7 @@ def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
         ("gpu_program.py", ["sd15", "2", "--target", "a100"]),
         ("gpu_program.py", ["sd15", "2", "--vae", "--train"]),
         ("gpu_program.py", ["sd15", "2", "--remat"]),
+        ("gpu_program.py", ["sd15", "2", "--train", "--default-layout"]),
         ("make_toy_dataset.py", ["--count", "many"]),
         ("make_shapes_samples.py", ["--seed", "x"]),
         ("train_shapes_model.py", []),
