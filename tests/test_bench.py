@@ -336,6 +336,7 @@ def test_every_issue_row_exists():
     assert bench.ROWS["sd15-load-cpu"].device == "opt-in"
 
 
+@pytest.mark.slow  # bench plumbing, 10-30 s each: CI's slow pass runs it
 def test_the_load_row_loads_in_a_fresh_process_per_run_with_its_peer():
     """`sd15-load-cpu`'s code on the tiny preset (it runs only by name, so nothing else runs it):
     a process per load, the peer (diffusers' `from_pretrained` of jaxdiff's folder) marked, and
@@ -586,6 +587,7 @@ def test_the_gpu_script_refuses_a_bad_phase_or_budget_in_one_line(argv):
     assert len(out.stderr.strip().splitlines()) == 1 and "gpu_bench.sh:" in out.stderr
 
 
+@pytest.mark.slow  # bench plumbing, 10-30 s each: CI's slow pass runs it
 def test_the_train_rows_start_from_weights_drawn_on_the_host():
     """The train rows time the step: the UNet starts from `random_params`, as the other rows'
     models, not from the train state's initializer, whose compile (a kernel per random draw)

@@ -266,6 +266,7 @@ def _tiny_row(budget):
     return ctx, bench.max_batch_sampling(ctx, "tiny", 32, 2, "bfloat16", "tiny-max-batch")
 
 
+@pytest.mark.slow  # bench plumbing, 10-30 s each: CI's slow pass runs it
 def test_the_row_finds_and_runs_the_largest_tiny_batch(tiny_memory):
     assert tiny_memory[9] < tiny_memory[10]
     budget = (tiny_memory[9] + tiny_memory[10]) // 2
@@ -282,6 +283,7 @@ def test_the_row_finds_and_runs_the_largest_tiny_batch(tiny_memory):
     bench.validate(json.loads(json.dumps(bench.report(bench.environment(ctx), results, {}))))
 
 
+@pytest.mark.slow  # bench plumbing, 10-30 s each: CI's slow pass runs it
 def test_the_row_backs_off_when_the_found_batch_runs_out_of_memory(tiny_memory, monkeypatch):
     """XLA's figure can miss memory (fragmentation, buffers outside the program): a run that
     runs out of memory is retried at a smaller batch, and the record says so."""
