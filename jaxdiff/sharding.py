@@ -183,6 +183,20 @@ def _platform(sharding) -> str:
     return next(iter(sharding.device_set)).platform
 
 
+def placement(path, shape, sharding, platform: str | None = None):
+    """Where `put_params` puts the leaf at `path` (a key path) of this shape: `sharding`, or for
+    a convolution kernel (a 4-D `kernel`) on a platform in `CONV_KERNEL_LAYOUTS`, a
+    `jax.experimental.layout.Format` of that memory order and `sharding`. Also what an abstract
+    argument (`jax.ShapeDtypeStruct(..., sharding=placement(...))`) takes to compile the same."""
+    api = _layout_api()
+    order = CONV_KERNEL_LAYOUTS.get(platform or _platform(sharding))
+    last = path[-1] if path else None
+    if api is None or order is None or getattr(last, "key", None) != "kernel" or len(shape) != 4:
+        return sharding
+    format_, layout = api
+    return format_(layout(major_to_minor=order), sharding)
+
+
 def put_params(params, shardings, platform: str | None = None):
     """`jax.device_put(params, shardings)`, with each convolution kernel (a 4-D `kernel`) laid
     out in memory as the platform's convolutions read it (`CONV_KERNEL_LAYOUTS`; `platform`
@@ -194,26 +208,16 @@ def put_params(params, shardings, platform: str | None = None):
     for SD 1.5's 98 kernels; docs/benchmarks.md). A runtime that refuses the layout gets the
     default order, with a warning.
     """
-    api = _layout_api()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     if isinstance(shardings, jax.sharding.Sharding):
         targets = [shardings] * len(leaves)
     else:
         targets = treedef.flatten_up_to(shardings)
-    out, laid = [], 0
-    for (path, leaf), sharding in zip(leaves, targets, strict=True):
-        order = CONV_KERNEL_LAYOUTS.get(platform or _platform(sharding))
-        last = path[-1] if path else None
-        if (
-            api is not None
-            and order is not None
-            and getattr(last, "key", None) == "kernel"
-            and np.ndim(leaf) == 4
-        ):
-            format_, layout = api
-            sharding, laid = format_(layout(major_to_minor=order), sharding), laid + 1
-        out.append(sharding)
-    if laid:
+    out = [
+        placement(path, np.shape(leaf), sharding, platform)
+        for (path, leaf), sharding in zip(leaves, targets, strict=True)
+    ]
+    if any(o is not t for o, t in zip(out, targets, strict=True)):
         try:
             return jax.device_put(params, jax.tree_util.tree_unflatten(treedef, out))
         except (ValueError, TypeError, NotImplementedError, jax.errors.JaxRuntimeError) as error:

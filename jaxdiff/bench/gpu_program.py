@@ -152,7 +152,7 @@ def compile_case(
 
     from jaxdiff.models.build import abstract_params, module_for
     from jaxdiff.models.presets import PRESETS
-    from jaxdiff.sharding import CONV_KERNEL_LAYOUTS, MESH_AXES
+    from jaxdiff.sharding import MESH_AXES, placement
 
     try:
         topology = topologies.get_topology_desc(
@@ -165,14 +165,11 @@ def compile_case(
         ) from None
     mesh = topologies.make_mesh(topology, (1, 1), MESH_AXES)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    order = None if default_layout else CONV_KERNEL_LAYOUTS["gpu"]
+    # As put_params places them on a GPU ("cpu": the default order, as before it).
+    platform = "cpu" if default_layout else "gpu"
 
     def placed(path, leaf):
-        where = sharding
-        if order and getattr(path[-1], "key", None) == "kernel" and len(leaf.shape) == 4:
-            from jax.experimental.layout import Format, Layout
-
-            where = Format(Layout(major_to_minor=order), sharding)
+        where = placement(path, leaf.shape, sharding, platform)
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where)
 
     with _as_on_the_target():
