@@ -8,8 +8,10 @@
 #
 #   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
 #   bash scripts/gpu_bench.sh train [SECONDS]     # text encoding and the SD 1.5 train step only
-#   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat, the largest batches
-#   bash scripts/gpu_bench.sh profile [SECONDS]   # traces of the UNet steps, XLA flag candidates
+#   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat, on its own
+#   bash scripts/gpu_bench.sh maxbatch [SECONDS]  # the largest SD 1.5 and SDXL sampling batches
+#   bash scripts/gpu_bench.sh profile [SECONDS]   # the UNet steps with their peers, and traces
+#   bash scripts/gpu_bench.sh flags [SECONDS]     # XLA flag candidates, a call's dispatch cost
 #
 # SECONDS defaults to 540. diffusers travels as wheels in .whl/ (carry ".whl"; see
 # docs/benchmarks.md for the download). GPU_BENCH_DRY=1 prints each group's command and limit
@@ -17,11 +19,14 @@
 set -u
 phase=${1:-targets}
 total=${2:-540}
-if [[ "$phase" != targets && "$phase" != train && "$phase" != memory && "$phase" != profile ]]
-then
-    echo "gpu_bench.sh: unknown phase '$phase' (targets, train, memory or profile)" >&2
-    exit 2
-fi
+case "$phase" in
+    targets | train | memory | maxbatch | profile | flags) ;;
+    *)
+        echo "gpu_bench.sh: unknown phase '$phase' (targets, train, memory, maxbatch, profile" \
+            "or flags)" >&2
+        exit 2
+        ;;
+esac
 if ! [[ "$total" =~ ^[0-9]+$ ]] || ((total < 60)); then
     echo "gpu_bench.sh: SECONDS must be a whole number >= 60, got '$total'" >&2
     exit 2
@@ -90,24 +95,24 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group train "$total" 0 --rows text-encode sd15-train --compare
         ;;
     memory)
-        # Each in a fresh process, where jax's pool may take 95% of the GPU.
-        group sdxl-train 240 120 --rows sdxl-train --compare
-        group sd15-max-batch 180 60 --rows sd15-max-batch
+        # In a fresh process, where jax's pool may take 95% of the GPU. Its report gives XLA's
+        # plan for the step (`memory_bytes`) and the allocator's peak (`device_peak_bytes`).
+        group sdxl-train "$total" 0 --rows sdxl-train --compare
+        ;;
+    maxbatch)
+        # Each in a fresh process, where jax's pool may take 95% of the GPU; each search compiles
+        # text-to-image at several batches (about 20 s each).
+        group sd15-max-batch 300 60 --rows sd15-max-batch
         group sdxl-max-batch "$total" 0 --rows sdxl-max-batch
         ;;
     profile)
-        # A call's cost per parameter array (`dispatch`); jax's profiler around 3 calls of each
-        # UNet case (SD 1.5 b2 and b16, SDXL b2 and b8) after their timing, which is the baseline
-        # of the three A/B groups after it: SD 1.5's UNet again in a new process under each
-        # candidate set of XLA flags (`--xla-flags`). While jax's profiler traces, XLA runs its
-        # kernels one by one, not in CUDA graphs, so the traced calls attribute time but are not
-        # timings. The traces stay outside $OUT (each may be tens of MB); their summary and, if
-        # under 15 MiB, an archive of them come back: at most 8 files.
-        # The summary and the archive are made before the A/B groups, so that a run cut short
-        # keeps them (the reply brings back what is in $OUT when the command stops).
+        # The UNet cases (SD 1.5 b2 and b16, SDXL b2 and b8) timed with their peers, then jax's
+        # profiler around 3 more calls of each jaxdiff case. While jax's profiler traces, XLA runs
+        # its kernels one by one, not in CUDA graphs, so the traced calls attribute time but are
+        # not timings. The traces stay outside $OUT (each may be tens of MB); their summary and,
+        # if under 15 MiB, an archive of them come back.
         traces=/tmp/jaxdiff-traces
-        group dispatch 45 400 --rows dispatch --runs 50 --warmup 5
-        group profile 160 240 --rows sd15-unet sdxl-unet --no-compare --profile "$traces"
+        group profile "$total" 0 --rows sd15-unet sdxl-unet --compare --profile "$traces"
         if [[ "$dry" != 1 ]] && compgen -G "$traces/*.xplane.pb" > /dev/null; then
             python3 scripts/profile_summary.py "$traces"/*.xplane.pb --top 40 \
                 > "$OUT/profile-summary.txt" 2>> "$log"
@@ -119,9 +124,19 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
                     >> "$log"
             fi
         fi
-        group xla-graphs 80 160 --rows sd15-unet --no-compare --xla-flags graphs
-        group xla-nographs 80 80 --rows sd15-unet --no-compare --xla-flags nographs
-        group xla-gpu "$total" 0 --rows sd15-unet --no-compare --xla-flags gpu
+        ;;
+    flags)
+        # A/B groups, each a new process under one candidate set of XLA flags (`--xla-flags`),
+        # against the `profile` phase's timings on the same machine, in priority order: CUDA
+        # graphs with convolutions for SD 1.5 (launch-bound at b2), no merged matrix products for
+        # SDXL (their weight concatenations and slice copies), no CUDA graphs (the control), then
+        # cuBLAS for every product with the latency-hiding scheduler. Last, a call's cost per
+        # parameter array, laid-out kernels included (`dispatch`).
+        group xla-graphs 80 0 --rows sd15-unet --no-compare --xla-flags graphs
+        group xla-nomerge 120 0 --rows sdxl-unet --no-compare --xla-flags nomerge
+        group xla-nographs 80 0 --rows sd15-unet --no-compare --xla-flags nographs
+        group xla-gpu 80 0 --rows sd15-unet --no-compare --xla-flags gpu
+        group dispatch 45 0 --rows dispatch --runs 50 --warmup 5
         ;;
 esac
 [[ "$dry" == 1 ]] || tail -n 60 "$log"

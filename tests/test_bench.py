@@ -295,6 +295,27 @@ def test_peak_is_stated_only_for_known_gpus():
     assert bench.peak_tflops("cpu") is None
 
 
+@pytest.mark.parametrize(
+    "stats, expected",
+    [({"peak_bytes_in_use": 7 << 30, "bytes_in_use": 1}, 7 << 30), ({"bytes_in_use": 1}, None)],
+)
+def test_device_peak_is_the_allocators_where_it_keeps_one(monkeypatch, stats, expected):
+    """A jax case's `device_peak_bytes` is the first device's `peak_bytes_in_use` (a GPU's); the
+    CPU keeps no memory stats, so a CPU run reports none rather than a made-up figure."""
+    from jaxdiff.bench import harness
+
+    ctx = bench.Context(runs=1, warmup=0)
+    on_cpu = harness.measure_jax(ctx, lambda x: x + 1, (jnp.ones(3),), row="r", case="c")
+    assert on_cpu.device_peak_bytes is None
+
+    class Device:
+        def memory_stats(self):
+            return stats
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    assert harness.device_peak_bytes() == expected
+
+
 def _result(row, impl, ms, peer=False):
     return bench.Result(row, "case", impl, ms, [ms], peer=peer)
 
@@ -485,7 +506,7 @@ def test_python_m_jaxdiff_cli_reports_bad_input_in_one_line():
 def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     """scripts/gpu_bench.sh is only ever run on the lent GPU, where a misspelt row or flag would
     cost device time: its dry run lists each group's command, which must parse, name known rows,
-    cover every `gpu` row between its two phases, and stay inside the phase's seconds."""
+    cover every `gpu` row between its phases, and stay inside the phase's seconds."""
     import shlex
     import subprocess
     from pathlib import Path
@@ -494,7 +515,15 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     covered = []
-    for phase, total in (("targets", 540), ("train", 200), ("memory", 300), ("profile", 460)):
+    phases = (
+        ("targets", 540),
+        ("train", 200),
+        ("memory", 240),
+        ("maxbatch", 420),
+        ("profile", 240),
+        ("flags", 300),
+    )
+    for phase, total in phases:
         out = subprocess.run(
             ["bash", str(script), phase, str(total)],
             env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},

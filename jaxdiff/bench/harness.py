@@ -126,6 +126,11 @@ class Result:
     page_faults: float | None = None  # minor page faults per timed call (the whole process)
     system_ms: float | None = None  # system CPU time per timed call (the whole process)
     max_batch: dict | None = None  # the largest-batch search (MAX_BATCH_KEYS), max-batch rows only
+    # The device allocator's peak bytes in use so far in this process, after the timed calls
+    # (jax's `memory_stats`; a GPU's, not the CPU's): what the card held at most, where
+    # `memory_bytes` is XLA's plan for the one program. A process-wide peak: a row run on its own
+    # (as the `memory` phase runs `sdxl-train`) reads it as that row's.
+    device_peak_bytes: int | None = None
 
     @classmethod
     def from_timing(cls, row, case, impl, timing, *, compile_s, items=None, **fields) -> Result:
@@ -252,6 +257,18 @@ def memory_of(compiled) -> int | None:
     return int(total)
 
 
+def device_peak_bytes() -> int | None:
+    """The first device's allocator peak in this process (`memory_stats`), where it keeps one."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # a backend without memory stats
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
+
+
 def peak_tflops(device_kind: str) -> float | None:
     for name, peak in PEAK_BF16_TFLOPS.items():
         if name.lower() in device_kind.lower():
@@ -345,6 +362,7 @@ def measure_jax(
         flops=value or None,
         flops_source=source if value else None,
         memory_bytes=memory_of(compiled),
+        device_peak_bytes=device_peak_bytes(),
     )
     return _rates(result, ctx.device_kind, low_precision)
 
@@ -562,7 +580,9 @@ def run(rows: list[Row], ctx: Context, json_path: str | None = None) -> dict:
             out = row.run(ctx, row.name)
             results.extend(out)
             for r in out:
-                ctx.log(f"   {r.impl:<30} {r.case}: {r.median_ms:.2f} ms")
+                peak = r.device_peak_bytes
+                peak = "" if peak is None else f", device peak {peak / 2**30:.2f} GiB"
+                ctx.log(f"   {r.impl:<30} {r.case}: {r.median_ms:.2f} ms{peak}")
         except Exception as e:  # one failing row must not hide the others
             import traceback
 
