@@ -70,6 +70,25 @@ group() {
     echo "== $name: exit $? after ${SECONDS} s" >> "$log"
 }
 
+# summarize_traces [PREFIX]: the summary of the traces in $traces ($OUT/PREFIXprofile-summary.txt)
+# and, if under 15 MiB, an archive of them ($OUT/PREFIXtraces.tar.xz). The traces stay outside
+# $OUT (each may be tens of MB).
+traces=/tmp/jaxdiff-traces
+summarize_traces() {
+    local prefix=${1:-}
+    if [[ "$dry" == 1 ]] || ! compgen -G "$traces/*.xplane.pb" > /dev/null; then
+        return
+    fi
+    python3 scripts/profile_summary.py "$traces"/*.xplane.pb --top 40 \
+        > "$OUT/${prefix}profile-summary.txt" 2>> "$log"
+    tar -C "$traces" -cJf "/tmp/${prefix}traces.tar.xz" . 2>> "$log"
+    if (($(stat -c %s "/tmp/${prefix}traces.tar.xz") <= 15 * 1024 * 1024)); then
+        cp "/tmp/${prefix}traces.tar.xz" "$OUT/"
+    else
+        echo "== traces: $(du -sh "$traces" | cut -f1), archive too large to return" >> "$log"
+    fi
+}
+
 case "$phase" in
     targets)
         # The SD 1.5 UNet, VAE and text-to-image targets first (cold compiles, the cache
@@ -91,8 +110,11 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group train "$total" 0 --rows text-encode sd15-train --compare
         ;;
     train)
-        # The rows that `targets` runs last, on their own where the others were measured already.
-        group train "$total" 0 --rows text-encode sd15-train --compare
+        # The rows that `targets` runs last, on their own where the others were measured already,
+        # with jax's profiler around 3 more steps (as the `profile` phase). Session 14 on an H200:
+        # text-encode 21 s; sd15-train 118 s with its peer, 95 s of it the step's compile.
+        group train "$total" 0 --rows text-encode sd15-train --compare --profile "$traces"
+        summarize_traces "train-"
         ;;
     memory)
         # In a fresh process, where jax's pool may take 95% of the GPU. Its report gives XLA's
@@ -109,21 +131,9 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # The UNet cases (SD 1.5 b2 and b16, SDXL b2 and b8) timed with their peers, then jax's
         # profiler around 3 more calls of each jaxdiff case. While jax's profiler traces, XLA runs
         # its kernels one by one, not in CUDA graphs, so the traced calls attribute time but are
-        # not timings. The traces stay outside $OUT (each may be tens of MB); their summary and,
-        # if under 15 MiB, an archive of them come back.
-        traces=/tmp/jaxdiff-traces
+        # not timings. Their summary and archive come back (`summarize_traces`).
         group profile "$total" 0 --rows sd15-unet sdxl-unet --compare --profile "$traces"
-        if [[ "$dry" != 1 ]] && compgen -G "$traces/*.xplane.pb" > /dev/null; then
-            python3 scripts/profile_summary.py "$traces"/*.xplane.pb --top 40 \
-                > "$OUT/profile-summary.txt" 2>> "$log"
-            tar -C "$traces" -cJf /tmp/traces.tar.xz . 2>> "$log"
-            if (($(stat -c %s /tmp/traces.tar.xz) <= 15 * 1024 * 1024)); then
-                cp /tmp/traces.tar.xz "$OUT/"
-            else
-                echo "== traces: $(du -sh "$traces" | cut -f1), archive too large to return" \
-                    >> "$log"
-            fi
-        fi
+        summarize_traces
         ;;
     flags)
         # A/B groups, each a new process under one candidate set of XLA flags (`--xla-flags`),

@@ -688,6 +688,49 @@ def test_a_timeline_counts_overlapping_events_once_and_finds_the_gaps():
     assert timeline([(5, 7)]) == {"span_ms": 2e-6, "busy_ms": 2e-6, "gaps_ms": []}
 
 
+def test_per_call_cuts_a_trace_at_its_largest_gaps():
+    """Three traced calls, each a few kernels with small gaps between them and large ones (the
+    host's work) between calls: each call's span and busy time, overlaps counted once."""
+    from jaxdiff.bench.profile import per_call
+
+    ms = 1_000_000
+    first = [(0, 2 * ms), (1 * ms, 3 * ms), (int(3.1 * ms), 4 * ms)]  # span 4, busy 3.9
+    second = [(10 * ms, 11 * ms), (int(11.2 * ms), 12 * ms)]  # span 2, busy 1.8
+    third = [(20 * ms, 25 * ms)]  # span 5
+    calls = per_call([*third, *second, *first], calls=3)
+    assert [c["events"] for c in calls] == [3, 2, 1]
+    assert [c["span_ms"] for c in calls] == pytest.approx([4.0, 2.0, 5.0])
+    assert [c["busy_ms"] for c in calls] == pytest.approx([3.9, 1.8, 5.0])
+    # A nested event whose end comes before an earlier one's is no gap: (0, 9) holds (1, 2).
+    assert [c["events"] for c in per_call([(0, 9), (1, 2), (20, 21), (40, 41)], 3)] == [2, 1, 1]
+    assert per_call([(0, 1), (2, 3)], calls=3) == []  # fewer events than calls
+    assert per_call([(0, 5), (1, 2), (3, 4)], calls=3) == []  # no gaps to cut at
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        (
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64",
+            "attention",
+        ),
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+        ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+        ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_bias_NNT", "matrix product"),
+        ("gemm_fusion_dot_44", "matrix product"),
+        ("input_concatenate_reduce_fusion_1", "reduction"),
+        ("wrapped_concatenate_2", "copy, slice, concatenate"),
+        ("loop_slice_fusion_315", "copy, slice, concatenate"),
+        ("loop_convert_fusion", "other fusion"),
+        ("Memset 3", "memset"),
+    ],
+)
+def test_kernel_kinds_from_names_seen_on_an_h200(name, kind):
+    from jaxdiff.bench.profile import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
 def test_profile_refuses_a_folder_it_cannot_create_and_a_file_it_cannot_read(tmp_path):
     import subprocess
     import sys

@@ -70,10 +70,57 @@ def timeline(intervals) -> dict:
     }
 
 
+def per_call(intervals, calls: int = PROFILE_CALLS) -> list[dict]:
+    """A traced line's events cut into `calls` calls at its `calls - 1` largest gaps (the host's
+    work between calls): each call's span from its first start to its last end, and the time some
+    event runs in it (ms), with its number of events. Where the line has fewer gaps, none.
+
+    A GPU stream's span per call, set beside the timed call, splits the call into the device's
+    part and the host's (dispatch, launch, synchronisation)."""
+    spans = sorted(intervals)
+    if calls < 2 or len(spans) < calls:
+        return []
+    gaps, end = [], spans[0][1]  # the gap before each event: its start less the latest end
+    for i, (s, e) in enumerate(spans[1:]):
+        gaps.append((s - end, i))
+        end = max(end, e)
+    gaps.sort(reverse=True)
+    cuts = sorted(i + 1 for g, i in gaps[: calls - 1] if g > 0)
+    if len(cuts) < calls - 1:
+        return []
+    out = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(spans)], strict=True):
+        t = timeline(spans[lo:hi])
+        out.append({"span_ms": t["span_ms"], "busy_ms": t["busy_ms"], "events": hi - lo})
+    return out
+
+
+# Kinds of GPU kernels by name (cuDNN's, cuBLAS's and XLA's fusion names); the first match wins:
+# cuDNN's convolution kernels are "implicit gemm"s, and a fusion that concatenates into a
+# reduction is a reduction.
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "flash", "fmha")),
+    ("convolution", ("fprop_implicit_gemm", "dgrad", "wgrad", "convolution")),
+    ("matrix product", ("nvjet", "gemm", "cublas", "cutlass")),
+    ("reduction", ("reduce",)),
+    ("copy, slice, concatenate", ("concatenate", "slice", "copy", "transpose", "dynamic_update")),
+    ("memset", ("memset",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in lowered for k in keys):
+            return kind
+    return "other fusion"
+
+
 def summarize(path: str | Path, top: int = 15) -> dict:
     """Per line of the device planes (the host's where there is none) that holds events: their
-    number and total time (ms), how they cover the line's span (`timeline`), and the `top` names
-    by total time with their count and share of the line."""
+    number and total time (ms), how they cover the line's span (`timeline`), the span and busy
+    time of each traced call (`per_call`), on a GPU the time by kind of kernel (`kernel_kind`),
+    and the `top` names by total time with their count and share of the line."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(str(path))
@@ -93,12 +140,22 @@ def summarize(path: str | Path, top: int = 15) -> dict:
             if not counts:
                 continue
             names = sorted(totals, key=totals.get, reverse=True)[:top]
+            kinds = defaultdict(lambda: [0, 0])
+            if "GPU" in plane.name:
+                for name, total in totals.items():
+                    kinds[kernel_kind(name)][0] += total
+                    kinds[kernel_kind(name)][1] += counts[name]
             lines.append(
                 {
                     "line": line.name,
                     "events": sum(counts.values()),
                     "total_ms": busy / 1e6,
                     "timeline": timeline(intervals),
+                    "calls": per_call(intervals),
+                    "kinds": {
+                        k: {"total_ms": t / 1e6, "count": c}
+                        for k, (t, c) in sorted(kinds.items(), key=lambda kv: -kv[1][0])
+                    },
                     "top": [
                         {
                             "name": n,
@@ -132,6 +189,14 @@ def format_summary(summary: dict) -> str:
                 f"  span {t['span_ms']:.3f} ms, busy {t['busy_ms']:.3f} ms ({occupancy:.1%}), "
                 f"{len(gaps)} gaps of {sum(gaps):.3f} ms{largest}"
             )
+            for i, call in enumerate(line.get("calls", [])):
+                text.append(
+                    f"  call {i + 1}: span {call['span_ms']:.3f} ms, busy {call['busy_ms']:.3f} ms, "
+                    f"{call['events']} events"
+                )
+            for kind, k in line.get("kinds", {}).items():
+                share = k["total_ms"] / line["total_ms"] if line["total_ms"] else 0.0
+                text.append(f"  {k['total_ms']:10.3f} ms {share:6.1%} x{k['count']:<5} [{kind}]")
             for e in line["top"]:
                 text.append(
                     f"  {e['total_ms']:10.3f} ms {e['share']:6.1%} x{e['count']:<5} {e['name'][:100]}"
