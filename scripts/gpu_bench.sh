@@ -118,7 +118,8 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         ;;
     memory)
         # In a fresh process, where jax's pool may take 95% of the GPU. Its report gives XLA's
-        # plan for the step (`memory_bytes`) and the allocator's peak (`device_peak_bytes`).
+        # plan for the step (`memory_bytes`) and the allocator's peak (`device_peak_bytes`), to
+        # set against an 80 GB card's 79.6 GiB.
         group sdxl-train "$total" 0 --rows sdxl-train --compare
         ;;
     maxbatch)
@@ -137,16 +138,17 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         ;;
     flags)
         # A/B groups, each a new process under one candidate set of XLA flags (`--xla-flags`),
-        # against the `profile` phase's timings on the same machine, in priority order: CUDA
-        # graphs with convolutions for SD 1.5 (launch-bound at b2), no merged matrix products for
-        # SDXL (their weight concatenations and slice copies), no CUDA graphs (the control), then
-        # cuBLAS for every product with the latency-hiding scheduler. Last, a call's cost per
-        # parameter array, laid-out kernels included (`dispatch`).
-        group xla-graphs 80 0 --rows sd15-unet --no-compare --xla-flags graphs
-        group xla-nomerge 120 0 --rows sdxl-unet --no-compare --xla-flags nomerge
+        # against the `profile` phase's timings on the same machine, in priority order: no CUDA
+        # graphs (the control, and a test of the 1.7-3.5 ms a call costs beyond the device's
+        # span), cuBLAS for every product with the latency-hiding scheduler, a call's cost per
+        # parameter array with laid-out kernels (`dispatch`); then the two sets session 14
+        # measured and did not keep (convolutions in CUDA graphs for SD 1.5; no merged matrix
+        # products for SDXL), as re-checks. Session 14: about 55 s a sd15-unet group on an H200.
         group xla-nographs 80 0 --rows sd15-unet --no-compare --xla-flags nographs
         group xla-gpu 80 0 --rows sd15-unet --no-compare --xla-flags gpu
         group dispatch 45 0 --rows dispatch --runs 50 --warmup 5
+        group xla-graphs 80 0 --rows sd15-unet --no-compare --xla-flags graphs
+        group xla-nomerge 120 0 --rows sdxl-unet --no-compare --xla-flags nomerge
         ;;
 esac
 [[ "$dry" == 1 ]] || tail -n 60 "$log"
