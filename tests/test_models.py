@@ -190,6 +190,40 @@ def test_group_norm_survives_activations_that_overflow_float16():
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=FLOAT16_ATOL)
 
 
+def test_exact_gelu_is_torchs_in_each_dtype():
+    """`layers.gelu` is torch's exact GELU: in float32 within the parity tolerance; in bfloat16
+    torch's float32 formula rounded once, as torch rounds it, so that most outputs are torch's to
+    the bit."""
+    from tolerances import assert_close
+
+    from jaxdiff.models import layers
+
+    x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32) * 4
+    expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    assert_close(jax.jit(layers.gelu)(jnp.asarray(x)), expected, "float32")
+    assert layers.activation("gelu") is layers.gelu
+
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    ref16 = torch.nn.functional.gelu(torch.from_numpy(np.asarray(x16, np.float32)).bfloat16())
+    ref16 = ref16.float().numpy()
+    assert jax.jit(layers.gelu)(x16).dtype == jnp.bfloat16
+    ours = np.asarray(jax.jit(layers.gelu)(x16), np.float32)
+    # The two float32 erfs differ by up to 3e-7 (XLA's; torch's is within 3e-8 of the exact
+    # value), so a rounding to bfloat16 may land one step apart (2^-7 of the power of two below
+    # |ref|). Where 1 + erf cancels (large negative inputs, outputs near 0) the difference is
+    # absolute: |x| / 2 * 3e-7, under 3e-6 for these inputs.
+    with np.errstate(divide="ignore"):
+        step = np.exp2(np.floor(np.log2(np.abs(ref16))) - 7)
+
+    def within(values):
+        return np.all(np.abs(values - ref16) <= step + 3e-6)
+
+    assert within(ours) and np.mean(ours == ref16) > 0.9
+    # jax's own form rounds x/2 and the erfc term to bfloat16 apart: a step off more often.
+    plain = np.asarray(jax.jit(lambda v: jax.nn.gelu(v, approximate=False))(x16), np.float32)
+    assert np.mean(plain == ref16) < 0.8
+
+
 def test_bundled_tokenizer_matches_clip_ids():
     tok = bundled_clip_tokenizer()
     ids = tokenize(tok, ["a photo of a cat", "x " * 100])

@@ -27,6 +27,7 @@ from jaxdiff.models.layers import (
     attention,
     conv,
     dense,
+    gelu,
 )
 
 Dtype = Any
@@ -344,7 +345,7 @@ class GEGLU(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(2 * self.inner, ("embed", "mlp"), name="proj", **kw)(x)
         h, gate = jnp.split(h, 2, axis=-1)
-        return h * nn.gelu(gate, approximate=False)
+        return h * gelu(gate)
 
 
 class FeedForward(nn.Module):
