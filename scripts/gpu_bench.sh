@@ -70,10 +70,14 @@ group() {
     echo "== $name: exit $? after ${SECONDS} s" >> "$log"
 }
 
-# summarize_traces [PREFIX]: the summary of the traces in $traces ($OUT/PREFIXprofile-summary.txt)
-# and, if under 15 MiB, an archive of them ($OUT/PREFIXtraces.tar.xz). The traces stay outside
-# $OUT (each may be tens of MB).
+# A phase that traces writes to $traces, emptied first: two phases in one device command must
+# not summarize each other's traces. summarize_traces [PREFIX]: the summary of the traces there
+# ($OUT/PREFIXprofile-summary.txt) and, if under 15 MiB, an archive of them
+# ($OUT/PREFIXtraces.tar.xz). The traces stay outside $OUT (each may be tens of MB).
 traces=/tmp/jaxdiff-traces
+fresh_traces() {
+    [[ "$dry" == 1 ]] || rm -rf "$traces"
+}
 summarize_traces() {
     local prefix=${1:-}
     if [[ "$dry" == 1 ]] || ! compgen -G "$traces/*.xplane.pb" > /dev/null; then
@@ -113,6 +117,7 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # The rows that `targets` runs last, on their own where the others were measured already,
         # with jax's profiler around 3 more steps (as the `profile` phase). Session 14 on an H200:
         # text-encode 21 s; sd15-train 118 s with its peer, 95 s of it the step's compile.
+        fresh_traces
         group train "$total" 0 --rows text-encode sd15-train --compare --profile "$traces"
         summarize_traces "train-"
         ;;
@@ -133,6 +138,7 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # profiler around 3 more calls of each jaxdiff case. While jax's profiler traces, XLA runs
         # its kernels one by one, not in CUDA graphs, so the traced calls attribute time but are
         # not timings. Their summary and archive come back (`summarize_traces`).
+        fresh_traces
         group profile "$total" 0 --rows sd15-unet sdxl-unet --compare --profile "$traces"
         summarize_traces
         ;;
