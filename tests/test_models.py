@@ -224,6 +224,40 @@ def test_exact_gelu_is_torchs_in_each_dtype():
     assert np.mean(plain == ref16) < 0.8
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_context_kv_gives_the_call_without_it(preset):
+    """A UNet given its cross-attention keys and values ahead (`context_kv`) returns what it
+    returns projecting the context itself, and it reads them: a wrong cache changes the output."""
+    from tolerances import assert_close
+
+    from jaxdiff.models.unet import CONTEXT_KV, context_kv
+
+    cfg = PRESETS[preset].unet
+    params = random_params(cfg)
+    unet = module_for(cfg)
+    inputs = unet.dummy_inputs(2, cfg.sample_size, cfg.sample_size)
+    keys = iter(jax.random.split(jax.random.key(0), len(inputs)))
+    inputs = {
+        k: jax.random.normal(next(keys), v.shape, v.dtype)
+        if jnp.issubdtype(v.dtype, jnp.floating)
+        else v
+        for k, v in inputs.items()
+    }
+    kv = context_kv(params, inputs["encoder_hidden_states"])
+    layers = [
+        k for k in traverse_util.flatten_dict(params) if k[-3:] == ("attn2", "to_k", "kernel")
+    ]
+    assert len(traverse_util.flatten_dict(kv)) == 2 * len(layers) > 0
+
+    def call(variables):
+        return jax.jit(lambda v, x: unet.apply(v, **x))(variables, inputs)
+
+    plain = call({"params": params})
+    assert_close(call({"params": params, CONTEXT_KV: kv}), plain, "with context_kv")
+    wrong = jax.tree_util.tree_map(jnp.zeros_like, kv)
+    assert not np.allclose(call({"params": params, CONTEXT_KV: wrong}), plain, atol=1e-3)
+
+
 def test_bundled_tokenizer_matches_clip_ids():
     tok = bundled_clip_tokenizer()
     ids = tokenize(tok, ["a photo of a cat", "x " * 100])

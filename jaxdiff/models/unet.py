@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import traverse_util
 
 from jaxdiff.models import config_io
 from jaxdiff.models.layers import (
@@ -313,8 +314,15 @@ class TimestepEmbedding(nn.Module):
 # ----------------------------------------------------------------------------- transformer
 
 
+# The collection that holds cross-attention keys and values computed ahead (`context_kv`).
+CONTEXT_KV = "context_kv"
+
+
 class Attention(nn.Module):
-    """Self- or cross-attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0)."""
+    """Self- or cross-attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0).
+
+    Cross-attention takes its keys and values from the `context_kv` collection where the caller
+    gives them (`context_kv` below), instead of projecting the context again."""
 
     heads: int
     head_dim: int
@@ -325,12 +333,38 @@ class Attention(nn.Module):
     def __call__(self, x, context=None):  # x: [B, T, C]; context: [B, S, D]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         inner = self.heads * self.head_dim
-        context = x if context is None else context
         q = dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kw)(x)
-        k = dense(inner, ("embed", "heads"), use_bias=False, name="to_k", **kw)(context)
-        v = dense(inner, ("embed", "heads"), use_bias=False, name="to_v", **kw)(context)
+        if context is not None and self.has_variable(CONTEXT_KV, "k"):
+            k, v = self.get_variable(CONTEXT_KV, "k"), self.get_variable(CONTEXT_KV, "v")
+        else:
+            context = x if context is None else context
+            k = dense(inner, ("embed", "heads"), use_bias=False, name="to_k", **kw)(context)
+            v = dense(inner, ("embed", "heads"), use_bias=False, name="to_v", **kw)(context)
         out = attention(q, k, v, num_heads=self.heads)
         return dense(x.shape[-1], ("heads", "embed"), name="to_out_0", **kw)(out)
+
+
+def context_kv(params: dict, context, dtype=jnp.float32) -> dict:
+    """Every cross-attention layer's keys and values of `context` ([B, S, D]), as its `to_k` and
+    `to_v` compute them, in the tree the UNet reads as its `context_kv` collection:
+    `unet.apply({"params": params, "context_kv": context_kv(params, context, dtype)}, x, t,
+    context)` gives what the call without it gives.
+
+    A sampler's context is the same on every step. Computed once, ahead of the loop, the
+    projections leave the loop. Inside it XLA merges all of them into one product, and for that
+    concatenates their weights on every step: SDXL's 140 matrices, 1.3 GB (docs/benchmarks.md,
+    session 14)."""
+    flat = traverse_util.flatten_dict(params)
+    kv = {}
+    for path in flat:
+        if path[-3:] != ("attn2", "to_k", "kernel"):
+            continue
+        layer = path[:-2]
+        for name, key in (("k", "to_k"), ("v", "to_v")):
+            weight = flat[(*layer, key, "kernel")]
+            proj = nn.Dense(weight.shape[-1], use_bias=False, dtype=dtype, param_dtype=weight.dtype)
+            kv[(*layer, name)] = proj.apply({"params": {"kernel": weight}}, context)
+    return traverse_util.unflatten_dict(kv)
 
 
 class GEGLU(nn.Module):

@@ -28,7 +28,7 @@ from jaxdiff import samplers
 from jaxdiff.convert.diffusers import PipelineWeights, load_pipeline
 from jaxdiff.models.build import logical_axes, module_for
 from jaxdiff.models.clip_text import CLIPTextConfig
-from jaxdiff.models.unet import UNetConfig
+from jaxdiff.models.unet import CONTEXT_KV, UNetConfig, context_kv
 from jaxdiff.models.vae import VAEConfig, scale_latents, unscale_latents
 from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl, sdxl_time_ids
 from jaxdiff.schedules import ScheduleConfig
@@ -212,6 +212,8 @@ def denoise_steps(params, cond: dict, carry, plan, static: Static, start, stop):
     unet = module_for(static.unet, dtype=dtype)
     ctx, pooled, time_ids = cond["ctx"], cond["pooled"], cond["time_ids"]
     mask_latents, masked_image_latents = cond["mask_latents"], cond["masked_image_latents"]
+    # The context's cross-attention keys and values, once for every step (`context_kv`).
+    variables = {"params": params["unet"], CONTEXT_KV: context_kv(params["unet"], ctx, dtype)}
 
     def model_fn(x, t):  # x: [B, h, w, C] scaled as diffusers feeds its UNet
         if masked_image_latents is not None:  # 9-channel inpainting UNet
@@ -223,7 +225,7 @@ def denoise_steps(params, cond: dict, carry, plan, static: Static, start, stop):
         extra = {}
         if static.sdxl:
             extra = dict(text_embeds=pooled, time_ids=time_ids)
-        out = unet.apply({"params": params["unet"]}, x, t, ctx, **extra).astype(jnp.float32)
+        out = unet.apply(variables, x, t, ctx, **extra).astype(jnp.float32)
         if not static.guidance:
             return out
         uncond, cond_out = jnp.split(out, 2)
