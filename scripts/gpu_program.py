@@ -33,6 +33,7 @@ from jaxdiff.cli import ScriptParser  # noqa: E402
 
 def main() -> None:
     from jaxdiff.bench.gpu_program import TARGETS, compile_case, summarize
+    from jaxdiff.bench.harness import memory_of
     from jaxdiff.models.presets import PRESETS
 
     p = ScriptParser(description=__doc__.splitlines()[0])
@@ -94,12 +95,7 @@ def main() -> None:
     written = sum(n for *_, n in relayouts) / 1e6
     print(f"kernels reading only parameters: {len(relayouts)}, writing {written:.1f} MB per call")
     gib = 2**30
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
+    peak = memory_of(compiled)
     print(
         f"memory: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, outputs "
         f"{memory.output_size_in_bytes / gib:.2f} GiB ({memory.alias_size_in_bytes / gib:.2f} in "

@@ -251,18 +251,10 @@ def _as_on_the_target():
     from jaxdiff.models import layers
 
     @functools.cache
-    def lowers(part, t, s, heads, head_dim, dtype, is_causal):
-        q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
-        kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
-        forward = functools.partial(layers._fused, is_causal=is_causal)
-
-        def forward_and_backward(q, k, v):
-            out, pull = jax.vjp(forward, q, k, v)
-            return out, pull(out)
-
-        fn = forward if part == "forward" else forward_and_backward
+    def lowers(*shape):
+        fn, *args = layers.cudnn_probe(*shape)
         try:
-            jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+            jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
         except Exception:  # jax's refusal: XLA's attention, as on a device
             return False
         return True

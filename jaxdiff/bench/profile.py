@@ -143,8 +143,9 @@ def summarize(path: str | Path, top: int = 15) -> dict:
             kinds = defaultdict(lambda: [0, 0])
             if "GPU" in plane.name:
                 for name, total in totals.items():
-                    kinds[kernel_kind(name)][0] += total
-                    kinds[kernel_kind(name)][1] += counts[name]
+                    kind = kinds[kernel_kind(name)]
+                    kind[0] += total
+                    kind[1] += counts[name]
             lines.append(
                 {
                     "line": line.name,

@@ -293,6 +293,21 @@ def _compile_error(fn, *args) -> str | None:
     return None
 
 
+def cudnn_probe(part: str, t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool):
+    """The probe program of `_cudnn_compiles`: (function, abstract q, k, v at batch 1), cuDNN's
+    fused attention forward (`part` "forward") or forward with its backward ("backward").
+    `jaxdiff.bench.gpu_program` lowers the same program for a GPU it does not have."""
+    q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
+    forward = functools.partial(_fused, is_causal=is_causal)
+
+    def forward_and_backward(q, k, v):
+        out, pull = jax.vjp(forward, q, k, v)
+        return out, pull(out)
+
+    return (forward if part == "forward" else forward_and_backward), q, kv, kv
+
+
 @functools.cache
 def _cudnn_compiles(
     part: str, t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool
@@ -307,15 +322,7 @@ def _cudnn_compiles(
     it into a warning and XLA's attention. Once per shape and process (a cache load on a warm
     compilation cache); the backward only where something differentiates the attention.
     """
-    q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
-    kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
-    forward = functools.partial(_fused, is_causal=is_causal)
-
-    def forward_and_backward(q, k, v):
-        out, pull = jax.vjp(forward, q, k, v)
-        return out, pull(out)
-
-    error = _compile_error(forward if part == "forward" else forward_and_backward, q, kv, kv)
+    error = _compile_error(*cudnn_probe(part, t, s, heads, head_dim, dtype, is_causal))
     if error:
         where = f"{t}x{s} tokens, {heads} heads of {head_dim}, {jnp.dtype(dtype).name}"
         what = (

@@ -362,7 +362,13 @@ def context_kv(params: dict, context, dtype=jnp.float32) -> dict:
         layer = path[:-2]
         for name, key in (("k", "to_k"), ("v", "to_v")):
             weight = flat[(*layer, key, "kernel")]
-            proj = nn.Dense(weight.shape[-1], use_bias=False, dtype=dtype, param_dtype=weight.dtype)
+            proj = dense(
+                weight.shape[-1],
+                ("embed", "heads"),
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=weight.dtype,
+            )
             kv[(*layer, name)] = proj.apply({"params": {"kernel": weight}}, context)
     return traverse_util.unflatten_dict(kv)
 
