@@ -197,6 +197,31 @@ def placement(path, shape, sharding, platform: str | None = None):
     return format_(layout(major_to_minor=order), sharding)
 
 
+def placements(abstract, platform: str | None = None):
+    """`placement` of every leaf of a tree of `jax.ShapeDtypeStruct`s with shardings: the tree
+    to give a jitted function as its in/out shardings (a train state's, where the optimizer's
+    moments and the EMA of a kernel follow the kernel's order; jaxdiff.train.state)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: placement(path, x.shape, x.sharding, platform), abstract
+    )
+
+
+def relayout(tree, targets):
+    """`tree` with each array whose target (a matching tree of `placements`) is a `Format` of
+    another memory order moved into it, its old buffer donated: one array's worth of memory at
+    a time. For arrays that arrive in the default order (a checkpoint's, restored)."""
+    api = _layout_api()
+
+    def one(x, target):
+        if api is None or not isinstance(target, api[0]):
+            return x
+        if x.format.layout.major_to_minor == target.layout.major_to_minor:
+            return x
+        return jax.device_put(x, target, donate=True)
+
+    return jax.tree_util.tree_map(one, tree, targets)
+
+
 def put_params(params, shardings, platform: str | None = None):
     """`jax.device_put(params, shardings)`, with each convolution kernel (a 4-D `kernel`) laid
     out in memory as the platform's convolutions read it (`CONV_KERNEL_LAYOUTS`; `platform`

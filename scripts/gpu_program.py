@@ -10,11 +10,13 @@ dependency; about 500 MB, no CUDA libraries):
     /tmp/gpu-aot/bin/pip install jax-cuda12-plugin==JAXLIB jax-cuda12-pjrt==JAXLIB
     /tmp/gpu-aot/bin/python scripts/gpu_program.py sd15 2
 
-Prints the kernels the program launches per call, by kind; those that read only parameters
+Prints the kernels the program launches per call, by kind, with the bytes their operands and
+results hold (what they move if each reads its operands whole); those that read only parameters
 (work that depends on the weights alone, redone on every call); and the memory XLA plans
 (`jaxdiff.bench.gpu_program`): for `--train` (jaxdiff.train's step on cached latents at the
 preset's size, bfloat16 compute; `--remat` as the `sdxl-train` row), whether it fits the target.
-`--default-layout` places convolution kernels as jaxdiff did before `put_params`, to compare;
+`--default-layout` places convolution kernels (for `--train`, with their Adam moments and EMA)
+in the default order, as jaxdiff did before `put_params` and `jaxdiff.sharding.placements`;
 `--hlo F` writes the program's text to F. Without autotuning XLA may find no Triton tiling for a
 small matrix product; `XLA_FLAGS=--xla_gpu_enable_triton_gemm=false` hands them to cuBLAS.
 """
@@ -54,11 +56,6 @@ def main() -> None:
         p.error("batch must be >= 1")
     if args.vae and args.train or args.remat and not args.train:
         p.error("--vae and --train exclude each other; --remat goes with --train")
-    if args.train and args.default_layout:
-        p.error(
-            "--default-layout is for --vae and the UNet step (a train step's weights are "
-            "float32 masters, cast each step)"
-        )
     import jax
 
     try:
@@ -87,10 +84,10 @@ def main() -> None:
     what += " with remat" if args.remat else ""
     layout = "default" if args.default_layout else "put_params'"
     print(f"{args.preset} {what}, b{args.batch}, bfloat16, {args.target}, kernel layout {layout}")
-    print("| kernels | count |\n|---|---|")
+    print("| kernels | count | operands and results, GB |\n|---|---|---|")
     for kind, count in sorted(summary["kernels"].items(), key=lambda kv: -kv[1]):
-        print(f"| {kind} | {count} |")
-    print(f"| total | {summary['total']} |")
+        print(f"| {kind} | {count} | {summary['bytes'][kind] / 1e9:.2f} |")
+    print(f"| total | {summary['total']} | {sum(summary['bytes'].values()) / 1e9:.2f} |")
     relayouts = summary["relayouts"]
     written = sum(n for *_, n in relayouts) / 1e6
     print(f"kernels reading only parameters: {len(relayouts)}, writing {written:.1f} MB per call")

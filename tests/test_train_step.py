@@ -69,6 +69,10 @@ def _train(cfg, mesh, batch, unet_params):
         metrics.append(jax.device_get(m))
     return {
         "metrics": metrics,
+        "orders": {  # each array's memory order, major to minor
+            jax.tree_util.keystr(path): x.format.layout.major_to_minor
+            for path, x in jax.tree_util.tree_leaves_with_path(state)
+        },
         "params": jax.device_get(state.params),
         "ema": jax.device_get(state.ema_params),
         "initial": initial,
@@ -121,6 +125,47 @@ def _assert_same_run(a, b, what):
 @pytest.mark.parametrize("name", ["data", "fsdp"])
 def test_sharded_step_equals_single_device(runs, name):
     _assert_same_run(runs(name), runs("single"), name)
+
+
+def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypatch, tmp_path):
+    """On a GPU the train state keeps each convolution kernel, its Adam moments and its EMA in the
+    order cuDNN reads ([out, kh, kw, in]; jaxdiff.sharding.CONV_KERNEL_LAYOUTS), so the update
+    transposes nothing. Here the CPU is told to use that order: the run is the default order's,
+    and a checkpoint of it resumes into the same order (jaxdiff.train.loop.restored_state)."""
+    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff.train.loop import restored_state
+
+    reference = runs("fsdp")  # in the default order: before the CPU is told otherwise
+    monkeypatch.setitem(shd.CONV_KERNEL_LAYOUTS, "cpu", (3, 0, 1, 2))
+    mesh = shd.make_mesh(2, 4)
+    laid = _train(CFG, mesh, batch, reference["initial"])
+    _assert_same_run(laid, reference, "conv kernels in [out, kh, kw, in] order")
+    kernels = {k for k in laid["orders"] if k.endswith("['kernel']")}
+    four_d = {k for k in kernels if len(laid["orders"][k]) == 4 and not k.startswith(".frozen")}
+    trees = {k.split("[")[0] for k in four_d}
+    assert len(four_d) > 10 and trees == {".params", ".ema_params", ".opt_state"}, trees
+    assert sum(".mu[" in k for k in four_d) == sum(".nu[" in k for k in four_d) > 0
+    for key, order in laid["orders"].items():
+        expected = (3, 0, 1, 2) if key in four_d else tuple(range(len(order)))
+        assert order == expected, key
+    assert reference["orders"][sorted(four_d)[0]] == (0, 1, 2, 3)
+
+    # A checkpoint restores in the default order; the state the loop resumes with is laid out.
+    run = laid["run"]
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    state = init_state(run.setup, mesh, jax.random.key(0), {"unet": laid["initial"]}, run.frozen)
+    ckpt.save(5, state.checkpointed(), data={"position": 40}, config={})
+    restored, position = restored_state(run, ckpt, 5)
+    ckpt.close()
+    assert position == 40
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(restored), jax.tree_util.tree_leaves(state), strict=True
+    ):
+        assert a.format.layout.major_to_minor == b.format.layout.major_to_minor, path
+        assert a.sharding == b.sharding, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    step = jit_train_step(run.setup, run.state_shardings, mesh)
+    step(restored, shd.shard_batch(batch, mesh), jax.random.key(7))  # takes it as it is
 
 
 def test_remat_changes_nothing(runs):

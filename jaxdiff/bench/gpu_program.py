@@ -13,7 +13,8 @@ reads the compiled program's text (`Compiled.as_text()`), so it works on any suc
 
 The program is the one jaxdiff runs on a GPU: `layers.attention` takes its GPU path (cuDNN's
 fused attention where jax allows it), and the parameters are placed as
-`jaxdiff.sharding.put_params` places them on a GPU (`default_layout=True`: as before it). A
+`jaxdiff.sharding.put_params` places them on a GPU, a train state as `jaxdiff.train` places it
+(`default_layout=True`: the default order everywhere, as before). A
 train step's memory analysis is XLA's plan for the target: whether it fits the card, before a
 device is spent on it.
 """
@@ -103,22 +104,27 @@ def summarize(hlo_text: str) -> dict:
     """The entry computation of a compiled program's text, read as the GPU runs it: each
     instruction that is not free (a parameter, bitcast, tuple) is one kernel launch or copy.
 
-    Returns `kernels` ({kind: count}), `total` (their sum), and `relayouts`: the kernels whose
-    inputs are all parameters, with the bytes they write: work that depends only on the
-    weights (a transpose of a convolution kernel, a concatenation of weights for one merged
-    matrix product), done again on every call of the program.
+    Returns `kernels` ({kind: count}), `total` (their sum), `bytes` ({kind: the bytes its
+    kernels' operands and results hold}: what they would read and write if each read its
+    operands whole, an upper bound on the traffic, with a floor of bytes / bandwidth), and
+    `relayouts`: the kernels whose inputs are all parameters, with the bytes they write: work
+    that depends only on the weights (a transpose of a convolution kernel, a concatenation of
+    weights for one merged matrix product), done again on every call of the program.
     """
     start = hlo_text.find("\nENTRY")
     if start < 0:
         raise ValueError("no ENTRY computation in this program text")
     parameters: set[str] = set()
+    sizes: dict[str, int] = {}
     kernels: Counter = Counter()
+    moved: Counter = Counter()
     relayouts: list[tuple[str, str, int]] = []
     for line in hlo_text[start:].splitlines()[1:]:
         match = _INSTRUCTION.match(line)
         if not match:
             continue
         name, shape, op, rest = match.groups()
+        sizes[name] = _nbytes(shape)
         if op == "parameter":
             parameters.add(name)
         if op in _FREE:
@@ -126,9 +132,15 @@ def summarize(hlo_text: str) -> dict:
         kind = _kind(op, line)
         kernels[kind] += 1
         operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+        moved[kind] += sizes[name] + sum(sizes.get(o, 0) for o in operands)
         if operands and all(o in parameters for o in operands):
-            relayouts.append((name, kind, _nbytes(shape)))
-    return {"kernels": dict(kernels), "total": sum(kernels.values()), "relayouts": relayouts}
+            relayouts.append((name, kind, sizes[name]))
+    return {
+        "kernels": dict(kernels),
+        "total": sum(kernels.values()),
+        "bytes": dict(moved),
+        "relayouts": relayouts,
+    }
 
 
 def compile_case(
@@ -174,7 +186,7 @@ def compile_case(
 
     with _as_on_the_target():
         if train:
-            program, args = _train_program(preset, batch, remat, mesh)
+            program, args = _train_program(preset, batch, remat, mesh, platform)
         else:
             config = PRESETS[preset].vae if vae else PRESETS[preset].unet
             module = module_for(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -204,16 +216,16 @@ def compile_case(
     return compiled, compiled.memory_analysis()
 
 
-def _train_program(preset: str, batch: int, remat: bool, mesh):
+def _train_program(preset: str, batch: int, remat: bool, mesh, platform: str):
     """jaxdiff.train's jitted step and its abstract arguments (the state, `batch` cached
-    latents at the preset's resolution, a key) on `mesh`."""
+    latents at the preset's resolution, a key) on `mesh`, the state placed as on `platform`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxdiff.bench.rows import _train_config
     from jaxdiff.models.presets import PRESETS
-    from jaxdiff.sharding import batch_sharding, replicated
+    from jaxdiff.sharding import batch_sharding, placements, replicated
     from jaxdiff.train import state as st
     from jaxdiff.train.loop import prepare
     from jaxdiff.train.step import jit_train_step
@@ -235,8 +247,14 @@ def _train_program(preset: str, batch: int, remat: bool, mesh):
         data["input_ids_2"] = jax.ShapeDtypeStruct((batch, 77), jnp.int32, sharding=rows)
         data["time_ids"] = jax.ShapeDtypeStruct((batch, 6), jnp.float32, sharding=rows)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
-    step = jit_train_step(run.setup, run.state_shardings, mesh)
-    return step, (st.assemble_state(run.abstract, frozen), data, key)
+    # Each array's sharding, or its Format (a kernel's order), as `run.state_shardings`.
+    state = st.assemble_state(placements(run.abstract, platform), run.frozen_shardings)
+    abstract = jax.tree_util.tree_map(
+        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+        st.assemble_state(run.abstract, frozen),
+        state,
+    )
+    return jit_train_step(run.setup, state, mesh), (abstract, data, key)
 
 
 @contextlib.contextmanager

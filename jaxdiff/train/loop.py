@@ -81,7 +81,7 @@ class Run:
 
     @property
     def state_shardings(self) -> st.TrainState:
-        return st.train_state_shardings(self.shardings, self.frozen_shardings)
+        return st.train_state_shardings(self.abstract, self.frozen_shardings)
 
 
 def prepare(cfg: TrainConfig, mesh: Mesh | None = None) -> Run:
@@ -128,6 +128,16 @@ def fresh_state(run: Run) -> st.TrainState:
         run.frozen,
         shardings=(run.abstract, run.shardings, run.frozen_shardings),
     )
+
+
+def restored_state(run: Run, ckpt: Checkpointer, step: int) -> tuple[st.TrainState, int]:
+    """(the train state of checkpoint `step`, the data stream's position after it), every array
+    where `run.state_shardings` puts it: a checkpoint's arrays come back in the default memory
+    order, and a convolution kernel moves into its own (`jaxdiff.sharding.relayout`)."""
+    restored, data, _ = ckpt.restore(step, run.abstract)
+    restored = shd.relayout(restored, shd.placements(run.abstract))
+    frozen = jax.device_put(run.frozen, run.frozen_shardings)
+    return st.assemble_state(restored, frozen), int(data["position"])
 
 
 # ----------------------------------------------------------------------------- batches
@@ -412,9 +422,7 @@ def train(
     if start is None:
         start, state, position = 0, fresh_state(run), 0
     else:
-        restored, data, _ = ckpt.restore(start, run.abstract)
-        frozen = jax.device_put(run.frozen, run.frozen_shardings)
-        state, position = st.assemble_state(restored, frozen), int(data["position"])
+        state, position = restored_state(run, ckpt, start)
         if jax.process_index() == 0:
             print(f"jaxdiff: resuming {workdir} from step {start}", flush=True)
     run = without_host_params(run)

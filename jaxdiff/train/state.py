@@ -367,7 +367,7 @@ def init_state(
 
     shardings: what `state_shardings` returns for these arguments, when the caller has it
     (tracing the model for it again costs a second on the CPU)."""
-    _, shardings, frozen_sh = shardings or state_shardings(setup, mesh, pretrained, frozen)
+    abstract, shardings, frozen_sh = shardings or state_shardings(setup, mesh, pretrained, frozen)
     # Pretrained weights go host -> their shards directly, never whole onto one device.
     pretrained_sh = {
         name: shardings["params"][name] for name in pretrained if pretrained[name] is not None
@@ -376,7 +376,7 @@ def init_state(
     pretrained = jax.device_put(pretrained, pretrained_sh)
     init = jax.jit(
         lambda k, p: nn.meta.unbox(_init_boxed(setup, k, p)),
-        out_shardings=shardings,
+        out_shardings=shd.placements(abstract),
     )
     part = compile_one_shot(init, key, pretrained, platform=mesh.devices.flat[0].platform)(
         key, pretrained
@@ -394,9 +394,15 @@ def assemble_state(checkpointed: dict, frozen: dict) -> TrainState:
     )
 
 
-def train_state_shardings(shardings: dict, frozen_sh: dict) -> TrainState:
-    """The NamedSharding tree of a whole TrainState (for jit in/out shardings)."""
-    return assemble_state(shardings, frozen_sh)
+def train_state_shardings(abstract: dict, frozen_sh: dict) -> TrainState:
+    """Where each array of a whole TrainState lives, for jit's in/out shardings: the checkpointed
+    part's `jaxdiff.sharding.placements` (on a GPU, each convolution kernel a `Format` of the
+    order cuDNN reads, and its Adam moments and EMA with it, so the optimizer's update reads
+    and writes every array in one order, transposing nothing), the frozen params' shardings.
+
+    abstract: the checkpointed state's tree of `jax.ShapeDtypeStruct`s with shardings
+    (`state_shardings`)."""
+    return assemble_state(shd.placements(abstract), frozen_sh)
 
 
 def replicated_spec(mesh: Mesh) -> NamedSharding:
