@@ -67,6 +67,59 @@ def test_time_calls_even_runs_and_bad_runs():
         bench.time_calls(lambda: None, runs=0, warmup=0)
 
 
+def _spy_on_time_calls(monkeypatch, ms_per_run: float):
+    """Replaces the harness's `time_calls`: records each timed function, calls it once, and
+    reports `ms_per_run` for every run."""
+    timed = []
+
+    def fake(fn, *, runs, warmup, clock=None):
+        timed.append(fn)
+        fn()
+        return bench.Timing(ms_per_run, [ms_per_run] * runs)
+
+    monkeypatch.setattr(bench.harness, "time_calls", fake)
+    return timed
+
+
+def test_back_to_back_times_groups_of_carried_calls_per_call(monkeypatch):
+    """A train row's second case: `calls` steps dispatched one after another, each fed the last
+    one's state, waited for once, reported per step; the first case waits for each call."""
+    executed = []
+
+    def step(state, x):
+        jax.debug.callback(lambda s: executed.append(int(s)), state)
+        return state + 1, x * 2.0
+
+    timed = _spy_on_time_calls(monkeypatch, 40.0)
+    ctx = bench.Context(runs=3, warmup=0, compare=False, log=lambda line: None)
+    args = (jnp.int32(0), jnp.ones(4))
+    each, grouped = bench.measure_jax_back_to_back(
+        ctx, step, args, calls=4, row="r", case="c", items=8
+    )
+    assert [each.case, grouped.case] == ["c", "c, 4 back to back"]
+    assert (each.median_ms, grouped.median_ms) == (40.0, 10.0)
+    assert grouped.runs_ms == [10.0] * 3 and grouped.items_per_s == pytest.approx(800.0)
+    # About as many calls as the first case times, in at least 3 groups.
+    assert [bench.harness._groups(runs, 4) for runs in (3, 10, 20)] == [3, 3, 5]
+    assert grouped.compile_s == each.compile_s and grouped.memory_bytes == each.memory_bytes
+    jax.effects_barrier()
+    # One call, then four, the state carried from call to call throughout.
+    assert len(timed) == 2 and executed == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="calls"):
+        bench.measure_jax_back_to_back(ctx, step, args, calls=1, row="r", case="c")
+
+    calls = []
+    timed.clear()
+    results = bench.measure_torch_back_to_back(
+        ctx, lambda: calls.append(1), calls=4, row="r", case="c", impl="torch", items=8
+    )
+    assert [r.case for r in results] == ["c", "c, 4 back to back"]
+    assert [r.median_ms for r in results] == [40.0, 10.0] and all(r.peer for r in results)
+    assert len(calls) == 1 + 1 + 4  # the first (compile) call, one timed, a group of four
+    ratios = bench.with_peer_ratios([each, grouped, *results])
+    assert ratios[1].vs_peer == 1.0  # the back-to-back cases pair with each other
+
+
 def test_flops_of_a_matrix_product():
     a = jnp.ones((32, 64), jnp.float32)
     b = jnp.ones((64, 16), jnp.float32)
@@ -816,11 +869,22 @@ def test_the_dispatch_row_passes_each_unet_parameter_array(monkeypatch):
     abstract = abstract_params(PRESETS["tiny"].unet)
     n = len(jax.tree_util.tree_leaves(abstract))
     kernels = sum(a.ndim == 4 for a in jax.tree_util.tree_leaves(abstract))
-    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1, n]
+    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1, n, n]
     assert [r.case for r in results] == [
         f"tiny unet: {n} arrays, a call",
         f"tiny unet: {n} values in 1 array",
-        f"tiny unet: {n} arrays, {kernels} in the GPU's kernel layout, a call",
+        f"tiny unet: its tree of {n}, a call",
+        f"tiny unet: its tree of {n}, {kernels} in the GPU's kernel layout, a call",
     ]
-    orders = [a.format.layout.major_to_minor for a in jax.tree_util.tree_leaves(seen[2])]
-    assert orders.count((3, 0, 1, 2)) == kernels > 0
+    # A flat list; then the UNet's own tree (nested dicts), as the UNet rows pass it.
+    assert isinstance(seen[0][0], list)
+    for (tree,) in seen[2:]:
+        paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+        assert {jax.tree_util.keystr(k) for k, _ in paths} == {
+            jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
+        }
+    orders = [
+        [a.format.layout.major_to_minor for a in jax.tree_util.tree_leaves(t[0])] for t in seen[2:]
+    ]
+    assert orders[0].count((3, 0, 1, 2)) == 0
+    assert orders[1].count((3, 0, 1, 2)) == kernels > 0

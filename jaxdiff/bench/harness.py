@@ -305,6 +305,28 @@ class Context:
         return jax.devices()[0].device_kind
 
 
+def back_to_back_case(case: str, calls: int) -> str:
+    """The case name of `calls` calls dispatched back to back and waited for once."""
+    return f"{case}, {calls} back to back"
+
+
+def _groups(runs: int, calls: int) -> int:
+    """Timed groups of `calls` calls: about as many calls as `runs` single ones (the program is
+    warm by then), and at least 3 groups for a median."""
+    return max(3, -(-runs // calls))
+
+
+def _per_call(timing: Timing, calls: int) -> Timing:
+    """A timing of groups of `calls` calls, per call."""
+    return dataclasses.replace(
+        timing,
+        median_ms=timing.median_ms / calls,
+        runs_ms=[t / calls for t in timing.runs_ms],
+        page_faults=None if timing.page_faults is None else timing.page_faults / calls,
+        system_ms=None if timing.system_ms is None else timing.system_ms / calls,
+    )
+
+
 def measure_jax(
     ctx: Context,
     fn,
@@ -325,6 +347,48 @@ def measure_jax(
         donated does; each call then feeds the new first argument to the next.
     flops: analytic FLOPs per call, in place of the traced program's count (`jaxpr_flops`).
     """
+    return _measure_jax(
+        ctx,
+        fn,
+        args,
+        row=row,
+        case=case,
+        impl=impl,
+        carry=carry,
+        items=items,
+        flops=flops,
+        low_precision=low_precision,
+        donate_argnums=donate_argnums,
+    )[0]
+
+
+def measure_jax_back_to_back(ctx: Context, fn, args: tuple, *, calls: int, **kwargs) -> list:
+    """`measure_jax` of a carried step (`carry=True`), then the same compiled program timed in
+    groups of `calls` calls (`_groups` of them, after the first case's runs have warmed it up)
+    dispatched one after another and waited for once, per call: the
+    steady state of a loop that does not wait for each step, as jaxdiff.train's loop dispatches
+    a step before it reads the last one's metrics. Two Results; the second's case is
+    `back_to_back_case(case, calls)`."""
+    if calls < 2:
+        raise ValueError(f"calls must be >= 2, got {calls}")
+    return _measure_jax(ctx, fn, args, carry=True, back_to_back=calls, **kwargs)
+
+
+def _measure_jax(
+    ctx: Context,
+    fn,
+    args: tuple,
+    *,
+    row: str,
+    case: str,
+    impl: str = "jaxdiff",
+    carry: bool = False,
+    items: int | None = None,
+    flops: float | None = None,
+    low_precision: bool = False,
+    donate_argnums=(),
+    back_to_back: int = 0,
+) -> list:
     import jax
 
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate_argnums)
@@ -341,6 +405,17 @@ def measure_jax(
         jax.block_until_ready(out)
 
     timing = time_calls(call, runs=ctx.runs, warmup=ctx.warmup)
+    timings = [(case, timing)]
+    if back_to_back:
+
+        def group():
+            for _ in range(back_to_back):
+                out = compiled(*state)
+                state[0] = out[0]
+            jax.block_until_ready(out)
+
+        grouped = time_calls(group, runs=_groups(ctx.runs, back_to_back), warmup=0)
+        timings.append((back_to_back_case(case, back_to_back), _per_call(grouped, back_to_back)))
     if ctx.profile:
         from jaxdiff.bench.profile import trace_calls, trace_name
 
@@ -352,19 +427,23 @@ def measure_jax(
         source, value = "jaxpr", jaxpr_flops(traced.jaxpr)
     if not value:
         source, value = "xla", flops_of(compiled)
-    result = Result.from_timing(
-        row,
-        case,
-        impl,
-        timing,
-        compile_s=compile_s,
-        items=items,
-        flops=value or None,
-        flops_source=source if value else None,
-        memory_bytes=memory_of(compiled),
-        device_peak_bytes=device_peak_bytes(),
-    )
-    return _rates(result, ctx.device_kind, low_precision)
+    memory, peak = memory_of(compiled), device_peak_bytes()
+    results = [
+        Result.from_timing(
+            row,
+            name,
+            impl,
+            timed,
+            compile_s=compile_s,
+            items=items,
+            flops=value or None,
+            flops_source=source if value else None,
+            memory_bytes=memory,
+            device_peak_bytes=peak,
+        )
+        for name, timed in timings
+    ]
+    return [_rates(r, ctx.device_kind, low_precision) for r in results]
 
 
 def measure_torch(
@@ -378,12 +457,35 @@ def measure_torch(
     flops: float | None = None,
 ) -> Result:
     """Time an eager PyTorch call (the peer); its first call is reported as `compile_s`."""
+    return _measure_torch(ctx, fn, row=row, case=case, impl=impl, items=items, flops=flops)[0]
+
+
+def measure_torch_back_to_back(ctx: Context, fn, *, calls: int, **kwargs) -> list:
+    """`measure_torch`, then `fn` timed in groups of `calls` calls and one synchronization, per
+    call (as `measure_jax_back_to_back`): two Results."""
+    if calls < 2:
+        raise ValueError(f"calls must be >= 2, got {calls}")
+    return _measure_torch(ctx, fn, back_to_back=calls, **kwargs)
+
+
+def _measure_torch(
+    ctx: Context,
+    fn: Callable[[], object],
+    *,
+    row: str,
+    case: str,
+    impl: str,
+    items: int | None = None,
+    flops: float | None = None,
+    back_to_back: int = 0,
+) -> list:
     import torch
 
     cuda = torch.cuda.is_available()
 
-    def call():
-        fn()
+    def call(calls=1):
+        for _ in range(calls):
+            fn()
         if cuda:
             torch.cuda.synchronize()
 
@@ -392,21 +494,30 @@ def measure_torch(
     start = time.perf_counter()
     call()
     first_s = time.perf_counter() - start
-    timing = time_calls(call, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0))
-    result = Result.from_timing(
-        row,
-        case,
-        impl,
-        timing,
-        compile_s=first_s,
-        items=items,
-        flops=flops,
-        flops_source="analytic" if flops else None,
-        memory_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
-        peer=True,
-        note="eager; compile_s is the first call",
-    )
-    return _rates(result, _torch_device_name() or "", True)
+    timings = [(case, time_calls(call, runs=ctx.runs, warmup=max(ctx.warmup - 1, 0)))]
+    if back_to_back:
+        grouped = time_calls(
+            lambda: call(back_to_back), runs=_groups(ctx.runs, back_to_back), warmup=0
+        )
+        timings.append((back_to_back_case(case, back_to_back), _per_call(grouped, back_to_back)))
+    memory = int(torch.cuda.max_memory_allocated()) if cuda else None
+    results = [
+        Result.from_timing(
+            row,
+            name,
+            impl,
+            timed,
+            compile_s=first_s,
+            items=items,
+            flops=flops,
+            flops_source="analytic" if flops else None,
+            memory_bytes=memory,
+            peer=True,
+            note="eager; compile_s is the first call",
+        )
+        for name, timed in timings
+    ]
+    return [_rates(r, _torch_device_name() or "", True) for r in results]
 
 
 def _torch_device_name() -> str | None:

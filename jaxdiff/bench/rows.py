@@ -17,7 +17,9 @@ from jaxdiff.bench.harness import (
     Row,
     _have_peer,
     measure_jax,
+    measure_jax_back_to_back,
     measure_torch,
+    measure_torch_back_to_back,
     time_calls,
 )
 from jaxdiff.bench.memory import MEM_FRACTION, max_batch_sampling
@@ -375,11 +377,20 @@ def _jaxdiff_train_step(preset: str, resolution: int, batch: int, dtype_name: st
     return step, state, shd.shard_batch(host, mesh), jax.random.key(0), run
 
 
+# Steps a train row's back-to-back case dispatches before it waits.
+TRAIN_BACK_TO_BACK = 4
+
+
 def train_step(
     ctx: Context, preset: str, resolution: int, batch: int, dtype_name: str, row, remat=False
 ):
     """One optimizer update (AdamW, grad clip, EMA) on cached latents; images/s. With `remat`,
     the UNet's blocks are rematerialized (the peer: diffusers' gradient checkpointing).
+
+    Each side in two cases: each step waited for, and `TRAIN_BACK_TO_BACK` steps dispatched one
+    after another and waited for once (per step), as a training loop runs them: jaxdiff.train's
+    dispatches a step before it reads the last one's metrics, so the host's work on a step (for
+    jax, handing the state's thousands of arrays to the runtime) overlaps the device's.
 
     The peer runs first here: jax's allocator keeps what it has grown to, and both train steps
     together may not fit one GPU.
@@ -391,23 +402,23 @@ def train_step(
         from jaxdiff.train.loop import prepare
 
         cfg = _train_config(preset, resolution, batch, "float32", remat)
-        peer.append(_torch_train(ctx, prepare(cfg, _one_device_mesh()), batch, row=row, case=case))
+        peer = _torch_train(ctx, prepare(cfg, _one_device_mesh()), batch, row=row, case=case)
         _release_torch_memory()
     step, state, batch_arrays, key, _ = _jaxdiff_train_step(
         preset, resolution, batch, dtype_name, remat
     )
     low = dtype_name != "float32"
-    ours = measure_jax(
+    ours = measure_jax_back_to_back(
         ctx,
         step,
         (state, batch_arrays, key),
+        calls=TRAIN_BACK_TO_BACK,
         row=row,
         case=case,
-        carry=True,
         items=batch,
         low_precision=low,
     )
-    return [ours, *peer]
+    return [*ours, *peer]
 
 
 def _one_device_mesh():
@@ -425,7 +436,7 @@ def _release_torch_memory():
         torch.cuda.empty_cache()
 
 
-def _torch_train(ctx: Context, run, batch: int, *, row: str, case: str) -> Result:
+def _torch_train(ctx: Context, run, batch: int, *, row: str, case: str) -> list[Result]:
     """The PyTorch peer of the train step, as diffusers' train_text_to_image.py (and
     train_text_to_image_sdxl.py) does it: frozen CLIP text encoder(s), DDPM noise, the UNet, MSE
     to the noise, backward, clip to norm 1, AdamW, EMA of the weights; bf16 autocast on CUDA,
@@ -492,7 +503,9 @@ def _torch_train(ctx: Context, run, batch: int, *, row: str, case: str) -> Resul
             torch._foreach_lerp_(ema, list(unet.parameters()), 1.0 - cfg.ema_decay)
         return loss
 
-    return measure_torch(ctx, step, row=row, case=case, impl="diffusers+torch", items=batch)
+    return measure_torch_back_to_back(
+        ctx, step, calls=TRAIN_BACK_TO_BACK, row=row, case=case, impl="diffusers+torch", items=batch
+    )
 
 
 def attention_micro(ctx: Context, row: str, batch=2, tokens=4096, heads=8, head_dim=40):
@@ -652,7 +665,8 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
     one array. On a GPU, where the runtime tracks each buffer of a call, the difference is what a
     UNet step call pays for taking its parameters one array each: on an H200 one SD 1.5 UNet call
     at b2 took 11.3 ms, a step of the sampler's scan (its parameters passed once) at most 8.2.
-    A third case places the convolution kernels as `put_params` does on a GPU: jax checks each
+    The UNet's own tree of them (nested dicts) costs its flattening on top of the flat list, and
+    a fourth case places its convolution kernels as `put_params` does on a GPU: jax checks each
     one's layout on every call."""
     import jax
     import jax.numpy as jnp
@@ -671,7 +685,9 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
     shaped = jax.tree_util.tree_map(
         lambda a: np.zeros((1, 1, 2, 2) if len(a.shape) == 4 else (1,), np.float32), abstract
     )
-    laid = put_params(shaped, jax.sharding.SingleDeviceSharding(jax.devices()[0]), "gpu")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = put_params(shaped, device, "cpu")  # the default order everywhere
+    laid = put_params(shaped, device, "gpu")
     kernels = sum(len(a.shape) == 4 for a in jax.tree_util.tree_leaves(abstract))
 
     def read_each(arrays):
@@ -681,11 +697,14 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
         measure_jax(ctx, read_each, (each,), row=row, case=f"{preset} unet: {n} arrays, a call"),
         measure_jax(ctx, jnp.sum, (packed,), row=row, case=f"{preset} unet: {n} values in 1 array"),
         measure_jax(
+            ctx, read_each, (tree,), row=row, case=f"{preset} unet: its tree of {n}, a call"
+        ),
+        measure_jax(
             ctx,
             read_each,
             (laid,),
             row=row,
-            case=f"{preset} unet: {n} arrays, {kernels} in the GPU's kernel layout, a call",
+            case=f"{preset} unet: its tree of {n}, {kernels} in the GPU's kernel layout, a call",
         ),
     ]
 
