@@ -15,7 +15,7 @@ from jaxdiff.schedules import NoiseSchedule, ScheduleConfig, add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.config import ConfigError, TrainConfig
 from jaxdiff.train.loop import prepare
-from jaxdiff.train.state import init_state
+from jaxdiff.train.state import SMALL_LEAF, init_state
 from jaxdiff.train.step import jit_train_step, train_step
 
 # A one-level UNet: the smallest that has every kind of block, so each compile is short.
@@ -168,6 +168,50 @@ def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypat
     step(restored, shd.shard_batch(batch, mesh), jax.random.key(7))  # takes it as it is
 
 
+def test_norm_clip_and_finiteness_reduce_small_leaves_together():
+    """`state.global_norm`, `clip_by_global_norm` and `all_finite` are optax's norm and clipping
+    and a per-leaf finiteness check, with the leaves of at most SMALL_LEAF elements reduced in
+    one concatenation (a kernel for all of them on a GPU)."""
+    import optax
+
+    from jaxdiff.train import state as st
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "big": rng.normal(0, 1, (300, 300)).astype(np.float32),  # over SMALL_LEAF: on its own
+        "bias": rng.normal(0, 3, (320,)).astype(np.float32),
+        "scale": {"a": rng.normal(0, 1, (4, 8)).astype(np.float32), "b": np.float32(2.5)},
+    }
+    assert tree["big"].size > st.SMALL_LEAF > tree["bias"].size
+    # Together only where no parameter is split over devices (FSDP's all-gathers otherwise).
+    assert (st.small_leaf_limit(CFG, 1), st.small_leaf_limit(CFG, 4)) == (st.SMALL_LEAF, 0)
+    norm = float(st.global_norm(tree))
+    assert_close(norm, float(optax.tree.norm(tree)), "global norm")
+    assert_close(norm, np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(tree))))
+    for max_norm in (norm / 3, norm * 2):  # clipped, then left alone
+        ours, _ = st.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+        ref, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+        for a, b in zip(
+            jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref), strict=True
+        ):
+            assert_close(a, b, f"clipped at {max_norm}")
+    assert st.clip_by_global_norm(1.0).init(tree) == optax.clip_by_global_norm(1.0).init(tree)
+    assert bool(st.all_finite(tree))
+
+    def first_inf(x):
+        return np.where(np.arange(x.size).reshape(x.shape) == 0, np.inf, x).astype(np.float32)
+
+    assert_close(float(st.global_norm(tree, 0)), norm, "each leaf on its own")
+    for what, broken in [
+        ("a small leaf", {**tree, "bias": first_inf(tree["bias"])}),
+        ("a large leaf", {**tree, "big": first_inf(tree["big"])}),
+        ("a scalar", {**tree, "scale": {**tree["scale"], "b": np.float32(np.nan)}}),
+    ]:
+        for small in (st.SMALL_LEAF, 0):
+            assert not bool(st.all_finite(broken, small)), what
+            assert not np.isfinite(float(st.global_norm(broken, small))), what
+
+
 def test_remat_changes_nothing(runs):
     _assert_same_run(runs("remat"), runs("data"), "remat")
 
@@ -217,6 +261,13 @@ def test_loss_is_finite_and_params_move(runs):
 
 def test_step_is_traced_once(runs):
     assert runs("data")["traces"] == 1
+
+
+def test_fsdp_runs_reduce_each_leaf_on_its_own(runs):
+    """`prepare` sets the limit from its mesh: the sharded and single-device runs above, which
+    train the same, reduce their small leaves each on its own and together."""
+    assert runs("fsdp")["run"].setup.small_leaf == 0
+    assert runs("single")["run"].setup.small_leaf == SMALL_LEAF
 
 
 def test_born_sharded_init_matches_rules(runs):

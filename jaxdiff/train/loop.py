@@ -95,7 +95,9 @@ def prepare(cfg: TrainConfig, mesh: Mesh | None = None) -> Run:
         )
     trained = st.trained_components(cfg)
     base, from_preset = st.base_weights(cfg, skip=trained)
-    setup = st.build_setup(cfg, base.configs, base.scheduler_config, base.tokenizers)
+    setup = st.build_setup(
+        cfg, base.configs, base.scheduler_config, base.tokenizers, fsdp=mesh.shape["fsdp"]
+    )
     pretrained = {name: None if from_preset else base.params[name] for name in trained}
     frozen = {n: base.params[n] for n in setup.modules if n not in trained}
     abstract, shardings, frozen_sh = st.state_shardings(setup, mesh, pretrained, frozen)

@@ -27,10 +27,7 @@ from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl
 from jaxdiff.schedules import add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.remat import remat_blocks
-from jaxdiff.train.state import TrainSetup, TrainState, frozen_mask
-
-# optax.tree.norm from optax 0.2.5; global_norm (deprecated there) before.
-_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+from jaxdiff.train.state import TrainSetup, TrainState, all_finite, frozen_mask, global_norm
 
 
 def _micro_batches(tree, n: int):
@@ -236,12 +233,10 @@ def _apply(state: TrainState, grads, metrics, setup: TrainSetup):
     )
     metrics = {
         **metrics,
-        "grad_norm": _global_norm(grads),
+        "grad_norm": global_norm(grads, setup.small_leaf),
         "learning_rate": jnp.asarray(setup.learning_rate(state.step), jnp.float32),
         # Whether every new weight is finite: the loop never checkpoints a state without.
-        "params_finite": jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])
-        ).astype(jnp.float32),
+        "params_finite": all_finite(params, setup.small_leaf).astype(jnp.float32),
     }
     return new_state, metrics
 
