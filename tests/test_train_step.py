@@ -15,7 +15,7 @@ from jaxdiff.schedules import NoiseSchedule, ScheduleConfig, add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.config import ConfigError, TrainConfig
 from jaxdiff.train.loop import prepare
-from jaxdiff.train.state import SMALL_LEAF, init_state
+from jaxdiff.train.state import SMALL_LEAF, frozen_for_compute, init_state
 from jaxdiff.train.step import jit_train_step, train_step
 
 # A one-level UNet: the smallest that has every kind of block, so each compile is short.
@@ -210,6 +210,45 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
         for small in (st.SMALL_LEAF, 0):
             assert not bool(st.all_finite(broken, small)), what
             assert not np.isfinite(float(st.global_norm(broken, small))), what
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_frozen_weights_in_the_compute_dtype_change_nothing(model):
+    """With bfloat16 compute, `prepare` keeps the frozen text encoders' and VAE's kernels and
+    embeddings in bfloat16 (`state.frozen_for_compute`): the modules cast them so on every use,
+    so the conditioning and the VAE's latents are the float32 weights' bit for bit."""
+    from jaxdiff.train.step import conditioning
+
+    cfg = TrainConfig(model=model, resolution=16, batch_size=2, compute_dtype="bfloat16")
+    run = prepare(cfg, shd.make_mesh(1, 1, devices=jax.devices()[:1]))
+    host = {name: run.base.params[name] for name in run.frozen}  # the float32 weights
+    assert set(run.frozen) >= {"vae", "text_encoder"}
+    for name, params in run.frozen.items():
+        for x, ref in zip(
+            jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(host[name]), strict=True
+        ):
+            assert x.dtype == (jnp.bfloat16 if np.ndim(ref) >= 2 else np.float32), name
+    assert TrainConfig().compute_dtype == "float32"  # a float32 run keeps them as they are
+    assert frozen_for_compute(host, TrainConfig()) is host
+
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(0, 1000, (2, 77)).astype(np.int32)}
+    if run.setup.sdxl:
+        batch["input_ids_2"] = rng.integers(0, 1000, (2, 77)).astype(np.int32)
+        batch["time_ids"] = np.tile(np.float32([[16, 16, 0, 0, 16, 16]]), (2, 1))
+    cond = jax.jit(lambda p: conditioning(run.setup, p, batch))
+    for a, b in zip(
+        jax.tree_util.tree_leaves(cond(run.frozen)),
+        jax.tree_util.tree_leaves(cond(host)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    vae = run.setup.modules["vae"]
+    images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    encode = jax.jit(lambda p: vae.apply({"params": p}, images, method="encode").mean)
+    np.testing.assert_array_equal(
+        np.asarray(encode(run.frozen["vae"])), np.asarray(encode(host["vae"]))
+    )
 
 
 def test_remat_changes_nothing(runs):

@@ -100,6 +100,7 @@ def prepare(cfg: TrainConfig, mesh: Mesh | None = None) -> Run:
     )
     pretrained = {name: None if from_preset else base.params[name] for name in trained}
     frozen = {n: base.params[n] for n in setup.modules if n not in trained}
+    frozen = st.frozen_for_compute(frozen, cfg)
     abstract, shardings, frozen_sh = st.state_shardings(setup, mesh, pretrained, frozen)
     return Run(cfg, mesh, base, setup, pretrained, frozen, abstract, shardings, frozen_sh)
 
