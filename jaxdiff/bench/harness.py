@@ -327,48 +327,24 @@ def _per_call(timing: Timing, calls: int) -> Timing:
     )
 
 
-def measure_jax(
-    ctx: Context,
-    fn,
-    args: tuple,
-    *,
-    row: str,
-    case: str,
-    impl: str = "jaxdiff",
-    carry: bool = False,
-    items: int | None = None,
-    flops: float | None = None,
-    low_precision: bool = False,
-    donate_argnums=(),
-) -> Result:
-    """Compile `fn(*args)` (a jitted function, or one to jit), then time it.
+def measure_jax(ctx: Context, fn, args: tuple, **kwargs) -> Result:
+    """Compile `fn(*args)` (a jitted function, or one to jit), then time it. Keywords: row,
+    case (required); impl ("jaxdiff"), items (per call: items/s), low_precision, donate_argnums,
+    and:
 
     carry: `fn` returns (new first argument, other outputs), as a train step with its state
         donated does; each call then feeds the new first argument to the next.
     flops: analytic FLOPs per call, in place of the traced program's count (`jaxpr_flops`).
     """
-    return _measure_jax(
-        ctx,
-        fn,
-        args,
-        row=row,
-        case=case,
-        impl=impl,
-        carry=carry,
-        items=items,
-        flops=flops,
-        low_precision=low_precision,
-        donate_argnums=donate_argnums,
-    )[0]
+    return _measure_jax(ctx, fn, args, **kwargs)[0]
 
 
 def measure_jax_back_to_back(ctx: Context, fn, args: tuple, *, calls: int, **kwargs) -> list:
     """`measure_jax` of a carried step (`carry=True`), then the same compiled program timed in
     groups of `calls` calls (`_groups` of them, after the first case's runs have warmed it up)
-    dispatched one after another and waited for once, per call: the
-    steady state of a loop that does not wait for each step, as jaxdiff.train's loop dispatches
-    a step before it reads the last one's metrics. Two Results; the second's case is
-    `back_to_back_case(case, calls)`."""
+    dispatched one after another and waited for once, per call: the steady state of a loop that
+    does not wait for each step, as jaxdiff.train's loop dispatches a step before it reads the
+    last one's metrics. Two Results; the second's case is `back_to_back_case(case, calls)`."""
     if calls < 2:
         raise ValueError(f"calls must be >= 2, got {calls}")
     return _measure_jax(ctx, fn, args, carry=True, back_to_back=calls, **kwargs)
@@ -427,37 +403,29 @@ def _measure_jax(
         source, value = "jaxpr", jaxpr_flops(traced.jaxpr)
     if not value:
         source, value = "xla", flops_of(compiled)
-    memory, peak = memory_of(compiled), device_peak_bytes()
-    results = [
-        Result.from_timing(
-            row,
-            name,
-            impl,
-            timed,
-            compile_s=compile_s,
-            items=items,
-            flops=value or None,
-            flops_source=source if value else None,
-            memory_bytes=memory,
-            device_peak_bytes=peak,
-        )
-        for name, timed in timings
-    ]
+    results = _results(
+        row,
+        impl,
+        timings,
+        compile_s=compile_s,
+        items=items,
+        flops=value or None,
+        flops_source=source if value else None,
+        memory_bytes=memory_of(compiled),
+        device_peak_bytes=device_peak_bytes(),
+    )
     return [_rates(r, ctx.device_kind, low_precision) for r in results]
 
 
-def measure_torch(
-    ctx: Context,
-    fn: Callable[[], object],
-    *,
-    row: str,
-    case: str,
-    impl: str,
-    items: int | None = None,
-    flops: float | None = None,
-) -> Result:
-    """Time an eager PyTorch call (the peer); its first call is reported as `compile_s`."""
-    return _measure_torch(ctx, fn, row=row, case=case, impl=impl, items=items, flops=flops)[0]
+def _results(row: str, impl: str, timings, **fields) -> list:
+    """A Result of each (case, timing), with the same other fields."""
+    return [Result.from_timing(row, case, impl, timed, **fields) for case, timed in timings]
+
+
+def measure_torch(ctx: Context, fn: Callable[[], object], **kwargs) -> Result:
+    """Time an eager PyTorch call (the peer); its first call is reported as `compile_s`.
+    Keywords: row, case, impl (required); items, flops (analytic, per call)."""
+    return _measure_torch(ctx, fn, **kwargs)[0]
 
 
 def measure_torch_back_to_back(ctx: Context, fn, *, calls: int, **kwargs) -> list:
@@ -500,23 +468,18 @@ def _measure_torch(
             lambda: call(back_to_back), runs=_groups(ctx.runs, back_to_back), warmup=0
         )
         timings.append((back_to_back_case(case, back_to_back), _per_call(grouped, back_to_back)))
-    memory = int(torch.cuda.max_memory_allocated()) if cuda else None
-    results = [
-        Result.from_timing(
-            row,
-            name,
-            impl,
-            timed,
-            compile_s=first_s,
-            items=items,
-            flops=flops,
-            flops_source="analytic" if flops else None,
-            memory_bytes=memory,
-            peer=True,
-            note="eager; compile_s is the first call",
-        )
-        for name, timed in timings
-    ]
+    results = _results(
+        row,
+        impl,
+        timings,
+        compile_s=first_s,
+        items=items,
+        flops=flops,
+        flops_source="analytic" if flops else None,
+        memory_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
+        peer=True,
+        note="eager; compile_s is the first call",
+    )
     return [_rates(r, _torch_device_name() or "", True) for r in results]
 
 
