@@ -184,7 +184,7 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
     }
     assert tree["big"].size > st.SMALL_LEAF > tree["bias"].size
     # Together only where no parameter is split over devices (FSDP's all-gathers otherwise).
-    assert (st.small_leaf_limit(CFG, 1), st.small_leaf_limit(CFG, 4)) == (st.SMALL_LEAF, 0)
+    assert (st.small_leaf_limit(1), st.small_leaf_limit(4)) == (st.SMALL_LEAF, 0)
     norm = float(st.global_norm(tree))
     assert_close(norm, float(optax.tree.norm(tree)), "global norm")
     assert_close(norm, np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(tree))))
