@@ -79,6 +79,8 @@ def _train(cfg, mesh, batch, unet_params):
         "traces": len(traces),
         "created": created,  # (sharding, size of one shard, size) of each initial parameter
         "run": run,
+        "step": step,
+        "state": state,  # the last one, on its devices
     }
 
 
@@ -151,9 +153,8 @@ def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypat
     assert reference["orders"][sorted(four_d)[0]] == (0, 1, 2, 3)
 
     # A checkpoint restores in the default order; the state the loop resumes with is laid out.
-    run = laid["run"]
+    run, state = laid["run"], laid["state"]
     ckpt = Checkpointer(tmp_path, async_save=False)
-    state = init_state(run.setup, mesh, jax.random.key(0), {"unet": laid["initial"]}, run.frozen)
     ckpt.save(5, state.checkpointed(), data={"position": 40}, config={})
     restored, position = restored_state(run, ckpt, 5)
     ckpt.close()
@@ -164,8 +165,7 @@ def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypat
         assert a.format.layout.major_to_minor == b.format.layout.major_to_minor, path
         assert a.sharding == b.sharding, path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    step = jit_train_step(run.setup, run.state_shardings, mesh)
-    step(restored, shd.shard_batch(batch, mesh), jax.random.key(7))  # takes it as it is
+    laid["step"](restored, shd.shard_batch(batch, mesh), jax.random.key(7))  # takes it as it is
 
 
 def test_norm_clip_and_finiteness_reduce_small_leaves_together():
