@@ -8,7 +8,8 @@ checkpoints intact; the leftovers of an unfinished save are removed on the next 
 
 `save` refuses a state with a non-finite floating-point array: no checkpoint with NaN or
 infinite weights is ever written. Restores go into an abstract target (`jax.ShapeDtypeStruct`s
-with shardings), so every array comes back directly onto its devices.
+with shardings), so every array comes back directly onto its devices, in the memory order the
+target asks for.
 
 Importing pretrained weights is `jaxdiff.convert`, not this module.
 """
@@ -23,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdiff.sharding import relayout
+from jaxdiff.train.state import all_finite as finite
+
 
 class NonFiniteError(RuntimeError):
     """A loss or a weight is NaN or infinite; the run stops and writes no checkpoint of it."""
@@ -30,12 +34,10 @@ class NonFiniteError(RuntimeError):
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    # The train step's check (its `params_finite`): the small leaves in one reduction.
+    return finite(
+        [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    )
 
 
 def all_finite(tree) -> bool:
@@ -85,7 +87,9 @@ class Checkpointer:
     def restore(self, step: int | None, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data, config) of checkpoint `step` (default: the latest).
 
-        abstract_state: the state's tree of `jax.ShapeDtypeStruct`s with shardings.
+        abstract_state: the state's tree of `jax.ShapeDtypeStruct`s with shardings, or with
+        `Format`s (`jaxdiff.sharding.placements`): orbax restores the default memory order, and
+        an array placed in another moves into it (`jaxdiff.sharding.relayout`).
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -98,7 +102,8 @@ class Checkpointer:
                 config=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, dict(restored.data), dict(restored.config)
+        state = relayout(restored.state, abstract_state)
+        return state, dict(restored.data), dict(restored.config)
 
     def read_config(self, step: int | None = None) -> dict:
         """The config saved with checkpoint `step` (default: the latest), without the arrays."""

@@ -207,13 +207,15 @@ def placements(abstract, platform: str | None = None):
 
 
 def relayout(tree, targets):
-    """`tree` with each array whose target (a matching tree of `placements`) is a `Format` of
-    another memory order moved into it, its old buffer donated: one array's worth of memory at
-    a time. For arrays that arrive in the default order (a checkpoint's, restored)."""
+    """`tree` with each array whose target (a matching tree of `placements`, or of
+    `jax.ShapeDtypeStruct`s placed so) is a `Format` of another memory order moved into it, its
+    old buffer donated: one array's worth of memory at a time. For arrays that arrive in the
+    default order (`jaxdiff.checkpoint` restores through it)."""
     api = _layout_api()
 
     def one(x, target):
-        if api is None or not isinstance(target, api[0]):
+        target = getattr(target, "format", target)  # a ShapeDtypeStruct's placement
+        if api is None or not isinstance(target, api[0]) or target.layout is None:
             return x
         if x.format.layout.major_to_minor == target.layout.major_to_minor:
             return x

@@ -209,6 +209,16 @@ def test_checkpoint_round_trip_and_refuses_non_finite(tmp_path):
     restored, data, config = ckpt.restore(None, abstract)
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert data == {"position": 24} and config == {"a": 1}
+    # A target placed in another memory order (a GPU's convolution kernel) gets that order.
+    from jax.experimental.layout import Format, Layout
+
+    kernel = jax.numpy.arange(24.0).reshape(1, 2, 3, 4)
+    ckpt.save(5, {"kernel": kernel}, data={}, config={})
+    laid = Format(Layout(major_to_minor=(3, 0, 1, 2)), kernel.sharding)
+    target = {"kernel": jax.ShapeDtypeStruct(kernel.shape, kernel.dtype, sharding=laid)}
+    restored, _, _ = ckpt.restore(5, target)
+    assert restored["kernel"].format.layout.major_to_minor == (3, 0, 1, 2)
+    np.testing.assert_array_equal(restored["kernel"], kernel)
     ckpt.close()
 
 

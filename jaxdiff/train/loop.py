@@ -135,10 +135,13 @@ def fresh_state(run: Run) -> st.TrainState:
 
 def restored_state(run: Run, ckpt: Checkpointer, step: int) -> tuple[st.TrainState, int]:
     """(the train state of checkpoint `step`, the data stream's position after it), every array
-    where `run.state_shardings` puts it: a checkpoint's arrays come back in the default memory
-    order, and a convolution kernel moves into its own (`jaxdiff.sharding.relayout`)."""
-    restored, data, _ = ckpt.restore(step, run.abstract)
-    restored = shd.relayout(restored, shd.placements(run.abstract))
+    where `run.state_shardings` puts it (on a GPU, a convolution kernel in cuDNN's order)."""
+    placed = jax.tree_util.tree_map(
+        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+        run.abstract,
+        shd.placements(run.abstract),
+    )
+    restored, data, _ = ckpt.restore(step, placed)
     frozen = jax.device_put(run.frozen, run.frozen_shardings)
     return st.assemble_state(restored, frozen), int(data["position"])
 
