@@ -190,6 +190,49 @@ def test_group_norm_survives_activations_that_overflow_float16():
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=FLOAT16_ATOL)
 
 
+def _reductions_after_reductions(fn, x):
+    """How many reduce_sum equations of fn(x)'s jaxpr depend on another reduce_sum's output."""
+    from jax.extend.core import Literal
+
+    jaxpr = jax.make_jaxpr(fn)(x).jaxpr
+    after_reduce, count = set(), 0
+    for eqn in jaxpr.eqns:
+        fed = any(not isinstance(v, Literal) and v in after_reduce for v in eqn.invars)
+        if eqn.primitive.name == "reduce_sum":
+            count += fed
+            after_reduce.update(eqn.outvars)
+        elif fed:
+            after_reduce.update(eqn.outvars)
+    return count
+
+
+def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
+    """A bfloat16 input's statistics come from one pass over x (one GPU kernel for both sums),
+    and the output stays within its own bfloat16 rounding of float64 math on the same input, at
+    a mean 20 standard deviations from zero, where one pass loses the most to float32."""
+    from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL
+
+    from jaxdiff.models.layers import GroupNorm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(20.0 + rng.standard_normal((2, 64, 64, 320)), jnp.bfloat16)
+    gn = GroupNorm(32, 1e-5, dtype=jnp.bfloat16)
+    params = gn.init(jax.random.key(0), x)
+    y = jax.jit(gn.apply)(params, x)
+    g = np.asarray(x, np.float64).reshape(2, -1, 32, 10)
+    mean, var = g.mean((1, 3), keepdims=True), g.var((1, 3), keepdims=True)
+    ref = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    assert np.all(err <= FLOAT32_ATOL + BF16_OUTPUT_RTOL * np.abs(ref)), err.max()
+
+    def norm(x):
+        return gn.apply(params, x)
+
+    assert _reductions_after_reductions(norm, x) == 0
+    # float32 keeps the two-pass variance, the squares of x less its mean.
+    assert _reductions_after_reductions(norm, x.astype(jnp.float32)) == 1
+
+
 def test_exact_gelu_is_torchs_in_each_dtype():
     """`layers.gelu` is torch's exact GELU: in float32 within the parity tolerance; in bfloat16
     torch's float32 formula rounded once, as torch rounds it, so that most outputs are torch's to

@@ -98,6 +98,13 @@ class GroupNorm(nn.Module):
 
     Statistics are computed in float32: the variance overflows in float16 and is too coarse in
     bfloat16. The output is cast back to the compute dtype.
+
+    A 16-bit input's variance is E[x^2] - E[x]^2, one pass over x (flax's `use_fast_variance`):
+    on a GPU both sums come from one kernel, where the two-pass form reads x again and launches
+    two more kernels (61 norms in SD 1.5's UNet). In float32 the one-pass variance is off by
+    about 1e-7 (mean/std)^2 of itself, each output by half that, while rounding x to 16 bits has
+    already moved each output by up to 2e-3 mean/std (bfloat16): the input's rounding stays the
+    larger error until mean/std is in the thousands. A float32 input keeps the two-pass form.
     """
 
     num_groups: int
@@ -112,7 +119,11 @@ class GroupNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         grouped = x32.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         mean = grouped.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        if jnp.dtype(x.dtype).itemsize == 2:
+            second = jnp.square(grouped).mean(axis=(1, 3), keepdims=True)
+            var = jnp.maximum(second - jnp.square(mean), 0.0)
+        else:
+            var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * scale + bias
         return y.astype(self.dtype)
