@@ -94,7 +94,7 @@ def test_back_to_back_times_groups_of_carried_calls_per_call(monkeypatch):
     ctx = bench.Context(runs=3, warmup=0, compare=False, log=lambda line: None)
     args = (jnp.int32(0), jnp.ones(4))
     each, grouped = bench.measure_jax_back_to_back(
-        ctx, step, args, calls=4, row="r", case="c", items=8
+        ctx, step, args, calls=4, carry=True, row="r", case="c", items=8
     )
     assert [each.case, grouped.case] == ["c", "c, 4 back to back"]
     assert (each.median_ms, grouped.median_ms) == (40.0, 10.0)
@@ -107,6 +107,11 @@ def test_back_to_back_times_groups_of_carried_calls_per_call(monkeypatch):
     assert len(timed) == 2 and executed == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="calls"):
         bench.measure_jax_back_to_back(ctx, step, args, calls=1, row="r", case="c")
+    # Without `carry` (a UNet row: a sampler's steps), every call gets the same arguments.
+    executed.clear()
+    bench.measure_jax_back_to_back(ctx, step, args, calls=3, row="r", case="c")
+    jax.effects_barrier()
+    assert executed == [0] * 4
 
     calls = []
     timed.clear()

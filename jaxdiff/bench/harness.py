@@ -340,14 +340,15 @@ def measure_jax(ctx: Context, fn, args: tuple, **kwargs) -> Result:
 
 
 def measure_jax_back_to_back(ctx: Context, fn, args: tuple, *, calls: int, **kwargs) -> list:
-    """`measure_jax` of a carried step (`carry=True`), then the same compiled program timed in
-    groups of `calls` calls (`_groups` of them, after the first case's runs have warmed it up)
-    dispatched one after another and waited for once, per call: the steady state of a loop that
-    does not wait for each step, as jaxdiff.train's loop dispatches a step before it reads the
-    last one's metrics. Two Results; the second's case is `back_to_back_case(case, calls)`."""
+    """`measure_jax`, then the same compiled program timed in groups of `calls` calls (`_groups`
+    of them, after the first case's runs have warmed it up) dispatched one after another and
+    waited for once, per call: the steady state of a loop that does not wait for each step, as
+    jaxdiff.train's loop dispatches a step before it reads the last one's metrics, or a sampler
+    run step by step. With `carry`, each call is fed the last one's first output. Two Results;
+    the second's case is `back_to_back_case(case, calls)`."""
     if calls < 2:
         raise ValueError(f"calls must be >= 2, got {calls}")
-    return _measure_jax(ctx, fn, args, carry=True, back_to_back=calls, **kwargs)
+    return _measure_jax(ctx, fn, args, back_to_back=calls, **kwargs)
 
 
 def _measure_jax(
@@ -387,7 +388,8 @@ def _measure_jax(
         def group():
             for _ in range(back_to_back):
                 out = compiled(*state)
-                state[0] = out[0]
+                if carry:
+                    state[0] = out[0]
             jax.block_until_ready(out)
 
         grouped = time_calls(group, runs=_groups(ctx.runs, back_to_back), warmup=0)

@@ -102,8 +102,19 @@ def _device_params(config, dtype_name: str):
     return put_params(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
+# UNet calls a UNet row's back-to-back case dispatches before it waits: a sampler's steps.
+UNET_BACK_TO_BACK = 10
+
+
 def unet_step(ctx: Context, preset: str, batch: int, size: int, dtype_name: str, row: str):
-    """One UNet forward (one sampling step) at `size`x`size` latents."""
+    """One UNet forward (one sampling step) at `size`x`size` latents.
+
+    Each side in two cases: each call waited for, and `UNET_BACK_TO_BACK` calls dispatched one
+    after another and waited for once (per call), as a sampler run step by step calls it (for
+    jax, the host's work on a call, handing hundreds of parameter arrays to the runtime, then
+    overlaps the device's work on the last; jaxdiff's own samplers run every step in one
+    program).
+    """
     import jax.numpy as jnp
     import numpy as np
 
@@ -125,7 +136,9 @@ def unet_step(ctx: Context, preset: str, batch: int, size: int, dtype_name: str,
         return module.apply({"params": params}, **inputs)
 
     case = f"{preset} unet b{batch} {size}x{size} latent {dtype_name}"
-    results = [measure_jax(ctx, step, (params, inputs), row=row, case=case, low_precision=low)]
+    results = measure_jax_back_to_back(
+        ctx, step, (params, inputs), calls=UNET_BACK_TO_BACK, row=row, case=case, low_precision=low
+    )
     del params
     if ctx.compare and _have_peer():
         torch, device, tdtype = _torch_setup(ctx)
@@ -136,7 +149,9 @@ def unet_step(ctx: Context, preset: str, batch: int, size: int, dtype_name: str,
             with torch.no_grad():
                 return unet(x, t, c, added_cond_kwargs=added).sample
 
-        results.append(measure_torch(ctx, peer, row=row, case=case, impl="diffusers"))
+        results += measure_torch_back_to_back(
+            ctx, peer, calls=UNET_BACK_TO_BACK, row=row, case=case, impl="diffusers"
+        )
         del unet
         _release_torch_memory()
     return results
@@ -413,6 +428,7 @@ def train_step(
         step,
         (state, batch_arrays, key),
         calls=TRAIN_BACK_TO_BACK,
+        carry=True,
         row=row,
         case=case,
         items=batch,
