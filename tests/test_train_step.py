@@ -170,8 +170,9 @@ def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypat
 
 def test_norm_clip_and_finiteness_reduce_small_leaves_together():
     """`state.global_norm`, `clip_by_global_norm` and `all_finite` are optax's norm and clipping
-    and a per-leaf finiteness check, with the leaves of at most SMALL_LEAF elements reduced in
-    one concatenation (a kernel for all of them on a GPU)."""
+    and a per-leaf finiteness check, reduced in one concatenation of the leaves of at most
+    SMALL_LEAF elements and the larger leaves' reductions to their last axis (one final kernel
+    on a GPU)."""
     import optax
 
     from jaxdiff.train import state as st
@@ -179,6 +180,7 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
     rng = np.random.default_rng(0)
     tree = {
         "big": rng.normal(0, 1, (300, 300)).astype(np.float32),  # over SMALL_LEAF: on its own
+        "conv": rng.normal(0, 1, (3, 3, 64, 128)).astype(np.float32),
         "bias": rng.normal(0, 3, (320,)).astype(np.float32),
         "scale": {"a": rng.normal(0, 1, (4, 8)).astype(np.float32), "b": np.float32(2.5)},
     }
@@ -205,6 +207,7 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
     for what, broken in [
         ("a small leaf", {**tree, "bias": first_inf(tree["bias"])}),
         ("a large leaf", {**tree, "big": first_inf(tree["big"])}),
+        ("a 4-D leaf", {**tree, "conv": first_inf(tree["conv"])}),
         ("a scalar", {**tree, "scale": {**tree["scale"], "b": np.float32(np.nan)}}),
     ]:
         for small in (st.SMALL_LEAF, 0):

@@ -201,30 +201,45 @@ def small_leaf_limit(fsdp: int) -> int:
     return SMALL_LEAF if fsdp == 1 else 0
 
 
-def _small_together(tree, one, small: int):
-    """`one` of each leaf of more than `small` elements, and `one` of the others concatenated
-    (in float32): XLA launches a kernel for each reduction, and SD 1.5's UNet has 404 biases and
-    norm scales, SDXL's 886. One concatenation of them is one kernel."""
+def _reduce_together(tree, elementwise, reduce, small: int):
+    """`reduce` of `elementwise` of every element of `tree`, in one final reduction where
+    `small` > 0: the leaves of at most `small` elements concatenated (in float32), and each
+    larger leaf first reduced over all its axes but the last. XLA launches kernels per
+    reduction: SD 1.5's UNet has 404 biases and norm scales (SDXL's 886), which one
+    concatenation makes one kernel; and XLA splits a large leaf's reduction to a scalar in two
+    kernels, where its reduction to its last axis (a convolution kernel's output channels, the
+    major axis in cuDNN's order, or a dense kernel's columns) is one. With `small` 0 (FSDP),
+    each leaf is reduced on its own, as XLA partitions that best."""
     leaves = jax.tree_util.tree_leaves(tree)
+    if not small:
+        return reduce(jnp.stack([reduce(elementwise(x)) for x in leaves] or [reduce(jnp.zeros(0))]))
+    parts = [
+        reduce(elementwise(x), axis=tuple(range(x.ndim - 1))) if x.ndim > 1 else elementwise(x)
+        for x in leaves
+        if x.size > small
+    ]
     together = [x.reshape(-1).astype(jnp.float32) for x in leaves if x.size <= small]
-    parts = [one(x) for x in leaves if x.size > small]
     if together:
-        parts.append(one(jnp.concatenate(together)))
-    return parts
+        parts.append(elementwise(jnp.concatenate(together)))
+    if not parts:
+        return reduce(jnp.zeros(0))
+    # XLA turns a reduction of a concatenation into one of each part, each of which it splits
+    # in two kernels again: the barrier keeps the concatenation.
+    return reduce(jax.lax.optimization_barrier(jnp.concatenate([p.reshape(-1) for p in parts])))
 
 
 def global_norm(tree, small: int = SMALL_LEAF) -> jax.Array:
-    """The l2 norm of all of `tree`'s leaves together (`optax.tree.norm`), in float32, the leaves
-    of at most `small` elements reduced in one go."""
-    parts = _small_together(tree, lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))), small)
-    return jnp.sqrt(sum(parts, jnp.float32(0.0)))
+    """The l2 norm of all of `tree`'s leaves together (`optax.tree.norm`), in float32, reduced
+    as `_reduce_together` says."""
+    return jnp.sqrt(
+        _reduce_together(tree, lambda x: jnp.square(x.astype(jnp.float32)), jnp.sum, small)
+    )
 
 
 def all_finite(tree, small: int = SMALL_LEAF) -> jax.Array:
-    """Whether every element of `tree` is finite (a bool scalar), the leaves of at most `small`
-    elements checked in one go."""
-    parts = _small_together(tree, lambda x: jnp.all(jnp.isfinite(x)), small)
-    return jnp.all(jnp.stack(parts)) if parts else jnp.bool_(True)
+    """Whether every element of `tree` is finite (a bool scalar), reduced as `_reduce_together`
+    says."""
+    return _reduce_together(tree, jnp.isfinite, jnp.all, small)
 
 
 def clip_by_global_norm(max_norm: float, small: int = SMALL_LEAF) -> optax.GradientTransformation:
