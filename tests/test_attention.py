@@ -24,8 +24,10 @@ def _unfused(q, k, v, is_causal):
     return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
 
 
-def _stand_in(q, k, v, is_causal):
-    return _unfused(q, k, 2 * v, is_causal)
+def _stand_in(q, k, v, is_causal, kv_lengths=None):
+    return jax.nn.dot_product_attention(
+        q, k, 2 * v, is_causal=is_causal, key_value_seq_lengths=kv_lengths
+    )
 
 
 def _refused_at_compile(q, k, v, is_causal):
@@ -56,9 +58,9 @@ def _refused_while_tracing(q, k, v, is_causal):
 def gpu(monkeypatch):
     """layers believes it runs on a GPU, with `fused` as cuDNN's kernel; probes start afresh."""
     monkeypatch.setattr(layers, "_backend", lambda: "gpu")
-    layers._cudnn_compiles.cache_clear()
+    layers.clear_cudnn_probes()
     yield lambda fused: monkeypatch.setattr(layers, "_fused", fused)
-    layers._cudnn_compiles.cache_clear()
+    layers.clear_cudnn_probes()
 
 
 def _inputs(batch=BATCH):
@@ -113,7 +115,7 @@ def _assert_same(got, want, names=("out", "dq", "dk", "dv")):
 
 
 def _probes():
-    return layers._cudnn_compiles.cache_info().currsize
+    return layers._cudnn_error.cache_info().currsize
 
 
 def test_the_fused_kernel_runs_where_it_compiles(gpu):
@@ -169,3 +171,41 @@ def test_float32_and_masked_attention_on_gpu_never_probe_the_fused_kernel(gpu):
     mask = jnp.ones((BATCH, 1, 1, CONTEXT), bool).at[1, ..., -3:].set(False)
     layers.attention(*_inputs()[:3], num_heads=HEADS, mask=mask)
     assert _probes() == 0
+
+
+def test_an_odd_number_of_keys_takes_the_padded_kernel_for_gradients(gpu, monkeypatch):
+    """jax 0.10 refuses cuDNN's backward at an odd number of keys (the UNet's 77-token
+    cross-attention) while tracing: the gradient then goes through the kernel with one more key,
+    masked by length (`_fused_padded`), and equals the unpadded attention's."""
+    gpu(_stand_in)
+    asked = []
+
+    def error(part, t, s, *rest):
+        asked.append((part, s))
+        return "" if part == "backward" and s % 2 else None
+
+    monkeypatch.setattr(layers, "_cudnn_error", error)
+    rng = np.random.default_rng(1)
+    q, cotangent = (
+        jnp.asarray(rng.standard_normal((BATCH, TOKENS, HEADS * DIM)), jnp.bfloat16)
+        for _ in range(2)
+    )
+    k, v = (
+        jnp.asarray(rng.standard_normal((BATCH, 7, HEADS * DIM)), jnp.bfloat16) for _ in range(2)
+    )
+    got = _run_ours_without_warnings(q, k, v, cotangent)
+    assert asked == [("forward", 7), ("backward", 7), ("padded backward", 7)]
+    _assert_same(got, _run(_split(_stand_in), q, k, v, cotangent))
+    # The padded kernel is what ran: without the length, the zero key would take weight.
+    unmasked = _run(
+        _split(
+            lambda q, k, v, c: _stand_in(
+                q, *(jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (k, v)), c
+            )
+        ),
+        q,
+        k,
+        v,
+        cotangent,
+    )
+    assert not np.allclose(got[0], unmasked[0], atol=0.05)

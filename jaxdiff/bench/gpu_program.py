@@ -274,12 +274,12 @@ def _as_on_the_target():
         try:
             jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
         except Exception:  # jax's refusal: XLA's attention, as on a device
-            return False
-        return True
+            return ""
+        return None
 
     patches = [
         (layers, "_backend", lambda: "gpu"),
-        (layers, "_cudnn_compiles", lowers),
+        (layers, "_cudnn_error", lowers),
         (cudnn_attention, "check_cudnn_version", lambda: CUDNN_VERSION),
         (cudnn_attention, "check_compute_capability", lambda c: _capability(c) <= (9, 0)),
         (cudnn_attention, "is_cuda_compute_capability_equal", lambda c: _capability(c) == (9, 0)),
@@ -288,10 +288,12 @@ def _as_on_the_target():
     try:
         for owner, name, value in patches:
             setattr(owner, name, value)
+        layers.clear_cudnn_probes()
         yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+        layers.clear_cudnn_probes()
 
 
 def _capability(text: str) -> tuple[int, ...]:

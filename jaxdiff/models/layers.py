@@ -278,9 +278,22 @@ def _backend() -> str:
     return jax.default_backend()
 
 
-def _fused(q, k, v, is_causal):
-    """cuDNN's fused flash-attention kernel ([B, T, N, H] layout)."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+def _fused(q, k, v, is_causal, kv_lengths=None):
+    """cuDNN's fused flash-attention kernel ([B, T, N, H] layout); `kv_lengths` [B]: the keys
+    each batch element attends to, the first so many."""
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+    )
+
+
+def _fused_padded(q, k, v, is_causal):
+    """`_fused` with keys and values padded by one token that the kernel masks out by length: the
+    same attention. jax (0.10) refuses cuDNN's backward at an odd number of keys, such as the
+    UNet's cross-attention over 77 tokens, where it mistakes an absent bias for one; at 78 keys,
+    the last masked, it takes it."""
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+    return _fused(q, jnp.pad(k, pad), jnp.pad(v, pad), is_causal, lengths)
 
 
 def _unfused(q, k, v, is_causal):
@@ -305,12 +318,14 @@ def _compile_error(fn, *args) -> str | None:
 
 
 def cudnn_probe(part: str, t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool):
-    """The probe program of `_cudnn_compiles`: (function, abstract q, k, v at batch 1), cuDNN's
-    fused attention forward (`part` "forward") or forward with its backward ("backward").
-    `jaxdiff.bench.gpu_program` lowers the same program for a GPU it does not have."""
+    """The probe program of `_cudnn_error`: (function, abstract q, k, v at batch 1), cuDNN's
+    fused attention forward (`part` "forward"), or forward with its backward ("backward"; "padded
+    backward": `_fused_padded`'s). `jaxdiff.bench.gpu_program` lowers the same program for a GPU
+    it does not have."""
     q = jax.ShapeDtypeStruct((1, t, heads, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((1, s, heads, head_dim), dtype)
-    forward = functools.partial(_fused, is_causal=is_causal)
+    kernel = _fused_padded if part == "padded backward" else _fused
+    forward = functools.partial(kernel, is_causal=is_causal)
 
     def forward_and_backward(q, k, v):
         out, pull = jax.vjp(forward, q, k, v)
@@ -320,34 +335,70 @@ def cudnn_probe(part: str, t: int, s: int, heads: int, head_dim: int, dtype, is_
 
 
 @functools.cache
-def _cudnn_compiles(
+def _cudnn_error(
     part: str, t: int, s: int, heads: int, head_dim: int, dtype, is_causal: bool
-) -> bool:
-    """Whether cuDNN's fused attention compiles at these shapes (batch 1): its forward (`part`
-    "forward"), or its forward with its backward ("backward").
+) -> str | None:
+    """None where cuDNN's fused attention compiles at these shapes (batch 1), as `cudnn_probe`'s
+    `part` says; else "" where jax refuses it while tracing, or cuDNN's compile error.
 
     jax checks the kernel's documented limits when it traces (the SD VAE's head of 512 is
-    refused there, silently). cuDNN can still refuse a graph when XLA compiles it ("No valid
-    engine configs for ...", on some GPU and cuDNN versions), and that error would fail the whole
+    refused there). cuDNN can still refuse a graph when XLA compiles it ("No valid engine
+    configs for ...", on some GPU and cuDNN versions), and that error would fail the whole
     program: the UNet, the sampler, the train step. A probe compile of the attention alone turns
     it into a warning and XLA's attention. Once per shape and process (a cache load on a warm
     compilation cache); the backward only where something differentiates the attention.
     """
-    error = _compile_error(*cudnn_probe(part, t, s, heads, head_dim, dtype, is_causal))
+    return _compile_error(*cudnn_probe(part, t, s, heads, head_dim, dtype, is_causal))
+
+
+def _where(key) -> str:
+    t, s, heads, head_dim, dtype, _ = key
+    return f"{t}x{s} tokens, {heads} heads of {head_dim}, {jnp.dtype(dtype).name}"
+
+
+@functools.cache
+def _cudnn_forward(*key) -> bool:
+    """Whether cuDNN's forward compiles at `_probe_key` `key`; warns once where it does not."""
+    error = _cudnn_error("forward", *key)
     if error:
-        where = f"{t}x{s} tokens, {heads} heads of {head_dim}, {jnp.dtype(dtype).name}"
-        what = (
-            "does not compile at {where} ({error}); using XLA's attention there"
-            if part == "forward"
-            else "compiles at {where} but its backward does not ({error}); gradients there use "
-            "XLA's attention"
-        )
         warnings.warn(
-            "cuDNN's fused attention " + what.format(where=where, error=error),
+            f"cuDNN's fused attention does not compile at {_where(key)} ({error}); using XLA's "
+            "attention there",
             RuntimeWarning,
             stacklevel=4,
         )
     return error is None
+
+
+@functools.cache
+def _cudnn_backward(*key):
+    """The fused kernel whose backward compiles at `_probe_key` `key`: `_fused`, else (an odd
+    number of keys, not causal) `_fused_padded`; None where neither does, with a warning where
+    cuDNN refused one at compile time."""
+    errors = [_cudnn_error("backward", *key)]
+    if errors[0] is None:
+        return _fused
+    s, is_causal = key[1], key[5]
+    if s % 2 and not is_causal:
+        errors.append(_cudnn_error("padded backward", *key))
+        if errors[-1] is None:
+            return _fused_padded
+    refused = "; ".join(e for e in errors if e)
+    if refused:
+        warnings.warn(
+            f"cuDNN's fused attention compiles at {_where(key)} but its backward does not "
+            f"({refused}); gradients there use XLA's attention",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return None
+
+
+def clear_cudnn_probes():
+    """Forgets every probe's answer (the next attention probes again); a stand-in probe without
+    a cache is left as it is."""
+    for cached in (_cudnn_error, _cudnn_forward, _cudnn_backward):
+        getattr(cached, "cache_clear", lambda: None)()
 
 
 def _probe_key(q, k, is_causal):
@@ -358,13 +409,14 @@ def _probe_key(q, k, is_causal):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused_checked(q, k, v, is_causal):
     """cuDNN's kernel, whose forward is known to compile; differentiated, its backward where that
-    compiles too, else XLA's backward (from the inputs)."""
+    compiles too (`_cudnn_backward`), else XLA's backward (from the inputs)."""
     return _fused(q, k, v, is_causal)
 
 
 def _fused_checked_fwd(q, k, v, is_causal):
-    if _cudnn_compiles("backward", *_probe_key(q, k, is_causal)):
-        out, pull = jax.vjp(functools.partial(_fused, is_causal=is_causal), q, k, v)
+    fused = _cudnn_backward(*_probe_key(q, k, is_causal))
+    if fused is not None:
+        out, pull = jax.vjp(functools.partial(fused, is_causal=is_causal), q, k, v)
         return out, (None, pull)
     return _fused(q, k, v, is_causal), ((q, k, v), None)
 
@@ -380,8 +432,8 @@ _fused_checked.defvjp(_fused_checked_fwd, _fused_checked_bwd)
 
 
 def _attention_gpu(q, k, v, is_causal):
-    """cuDNN's fused kernel where it compiles (`_cudnn_compiles`), else XLA's attention."""
-    if _cudnn_compiles("forward", *_probe_key(q, k, is_causal)):
+    """cuDNN's fused kernel where it compiles (`_cudnn_forward`), else XLA's attention."""
+    if _cudnn_forward(*_probe_key(q, k, is_causal)):
         return _fused_checked(q, k, v, is_causal)
     return _unfused(q, k, v, is_causal)
 
@@ -398,7 +450,7 @@ def attention(q, k, v, *, num_heads: int, mask=None, is_causal: bool = False):
     - GPU, float16/bfloat16, no mask: `jax.nn.dot_product_attention(implementation="cudnn")`,
       cuDNN's fused flash-attention kernel, where it compiles at these shapes (jax's limits: head
       dim a multiple of 8, at most 128, or 256 from Hopper on; then a probe compile, once per
-      shape, `_cudnn_compiles`); otherwise, like every other case, implementation=None, which is
+      shape, `_cudnn_error`); otherwise, like every other case, implementation=None, which is
       XLA's fusion in jax 0.10-0.12 (jax does not pick cuDNN by itself). The SD VAE's one head of
       512 takes that path.
     - TPU and float32 on GPU: `jax.nn.dot_product_attention` (XLA).
