@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
 #   bash scripts/gpu_bench.sh train [SECONDS]     # text encoding and the SD 1.5 train step only
-#   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat, on its own
+#   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat; SD 1.5's at b32
 #   bash scripts/gpu_bench.sh maxbatch [SECONDS]  # the largest SD 1.5 and SDXL sampling batches
 #   bash scripts/gpu_bench.sh profile [SECONDS]   # the UNet steps with their peers, and traces
 #   bash scripts/gpu_bench.sh flags [SECONDS]     # XLA flag candidates, a call's dispatch cost
@@ -124,8 +124,10 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
     memory)
         # In a fresh process, where jax's pool may take 95% of the GPU. Its report gives XLA's
         # plan for the step (`memory_bytes`) and the allocator's peak (`device_peak_bytes`), to
-        # set against an 80 GB card's 79.6 GiB.
+        # set against an 80 GB card's 79.6 GiB. Then, in what time is left, SD 1.5's step at
+        # batch 32 with its peer (a compile of about 95 s, as at batch 8).
         group sdxl-train "$total" 0 --rows sdxl-train --compare
+        group sd15-train-b32 "$total" 0 --rows sd15-train-b32 --compare
         ;;
     maxbatch)
         # Each in a fresh process, where jax's pool may take 95% of the GPU; each search compiles

@@ -856,6 +856,14 @@ def _rows() -> dict[str, Row]:
                 "SD 1.5 train step, b8, 512px, cached latents",
                 lambda c, r: train_step(c, "sd15", 512, 8, "bfloat16", r),
             ),
+            # images/s at a batch that fills a GPU better: XLA plans 38.5 GiB for the step on an
+            # H100 (scripts/gpu_program.py sd15 32 --train --target h100).
+            row(
+                "sd15-train-b32",
+                "gpu",
+                "SD 1.5 train step, b32, 512px, cached latents",
+                lambda c, r: train_step(c, "sd15", 512, 32, "bfloat16", r),
+            ),
             # The float32 weights, gradients, AdamW moments and EMA of SDXL's 2.6 B UNet
             # parameters are 51 GB, and the frozen text encoders 3 GB more: too close to jax's
             # default pool (75% of an 80 GB GPU), so this row raises it as the max-batch rows do,
