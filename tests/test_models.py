@@ -207,9 +207,10 @@ def _reductions_after_reductions(fn, x):
 
 
 def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
-    """A bfloat16 input's statistics come from one pass over x (one GPU kernel for both sums),
-    and the output stays within its own bfloat16 rounding of float64 math on the same input, at
-    a mean 20 standard deviations from zero, where one pass loses the most to float32."""
+    """A bfloat16 input's statistics come from one pass over x (one GPU kernel for both sums,
+    per channel, then additions over each group's channels), and the output stays within its own
+    bfloat16 rounding of float64 math on the same input, at a mean 20 standard deviations from
+    zero, where one pass loses the most to float32."""
     from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL
 
     from jaxdiff.models.layers import GroupNorm
@@ -229,6 +230,9 @@ def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
         return gn.apply(params, x)
 
     assert _reductions_after_reductions(norm, x) == 0
+    # Each sum over the spatial axis only; the group's channels are added up (`_add_last`).
+    sums = [e for e in jax.make_jaxpr(norm)(x).jaxpr.eqns if e.primitive.name == "reduce_sum"]
+    assert [e.params["axes"] for e in sums] == [(1,), (1,)]
     # float32 keeps the two-pass variance, the squares of x less its mean.
     assert _reductions_after_reductions(norm, x.astype(jnp.float32)) == 1
 
