@@ -206,6 +206,18 @@ def _reductions_after_reductions(fn, x):
     return count
 
 
+def test_add_last_sums_the_last_axis_at_every_length():
+    from tolerances import assert_close
+
+    from jaxdiff.models.layers import _add_last
+
+    x = np.random.default_rng(0).standard_normal((3, 41)).astype(np.float32)
+    for size in range(1, 42):
+        got = np.asarray(_add_last(jnp.asarray(x[:, :size])))
+        assert got.shape == (3, 1)
+        assert_close(got[:, 0], x[:, :size].sum(-1), f"{size} channels")
+
+
 def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
     """A bfloat16 input's statistics come from one pass over x (one GPU kernel for both sums,
     per channel, then additions over each group's channels), and the output stays within its own

@@ -97,8 +97,14 @@ def _add_last(x):
     """`x` summed over its last axis (kept, of size 1) by additions, not a reduction. XLA makes
     every reduction a kernel of its own, or two where it splits it; additions it puts in the
     small kernel that finishes a norm's statistics: 42 kernels fewer in SD 1.5's UNet call, 60
-    in the SD VAE's decode (docs/benchmarks.md, session 16)."""
-    return sum(x[..., i : i + 1] for i in range(x.shape[-1]))
+    in the SD VAE's decode (docs/benchmarks.md, session 16). Pairwise, halving the axis each
+    time: SD 1.5's traced UNet has 6,413 equations (3,979 with reductions), where one addition
+    per channel gave it 11,819."""
+    while (size := x.shape[-1]) > 1:
+        half = size // 2
+        pairs = x[..., :half] + x[..., half : 2 * half]
+        x = jnp.concatenate([pairs, x[..., -1:]], -1) if size % 2 else pairs
+    return x
 
 
 class GroupNorm(nn.Module):
@@ -407,10 +413,9 @@ def _cudnn_backward(*key):
 
 
 def clear_cudnn_probes():
-    """Forgets every probe's answer (the next attention probes again); a stand-in probe without
-    a cache is left as it is."""
+    """Forgets every probe's answer (the next attention probes again)."""
     for cached in (_cudnn_error, _cudnn_forward, _cudnn_backward):
-        getattr(cached, "cache_clear", lambda: None)()
+        cached.cache_clear()
 
 
 def _probe_key(q, k, is_causal):
