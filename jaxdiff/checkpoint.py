@@ -34,7 +34,7 @@ class NonFiniteError(RuntimeError):
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    # The train step's check (its `params_finite`): the small leaves in one reduction.
+    # The train step's check (its `params_finite`): every leaf in one final reduction.
     return finite(
         [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     )
