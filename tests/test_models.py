@@ -190,14 +190,37 @@ def test_group_norm_survives_activations_that_overflow_float16():
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=FLOAT16_ATOL)
 
 
-def _reductions_after_reductions(fn, x):
-    """How many reduce_sum equations of fn(x)'s jaxpr depend on another reduce_sum's output."""
+def _equations(fn, *args):
+    """fn(*args)'s jaxpr's equations, with those of the calls in it (a custom gradient's primal,
+    a nested jit) in place of the call, their variables the caller's."""
     from jax.extend.core import Literal
 
-    jaxpr = jax.make_jaxpr(fn)(x).jaxpr
+    rename = {}
+
+    def flat(jaxpr):
+        for eqn in jaxpr.eqns:
+            inner = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
+            inner = getattr(inner, "jaxpr", inner)
+            if inner is None or len(inner.invars) != len(eqn.invars):
+                yield eqn, [v if isinstance(v, Literal) else rename.get(v, v) for v in eqn.invars]
+                continue
+            for mine, theirs in zip(inner.invars, eqn.invars, strict=True):
+                rename[mine] = theirs if isinstance(theirs, Literal) else rename.get(theirs, theirs)
+            yield from flat(inner)
+            for mine, theirs in zip(eqn.outvars, inner.outvars, strict=True):
+                rename[mine] = theirs if isinstance(theirs, Literal) else rename.get(theirs, theirs)
+
+    return list(flat(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def _reductions_after_reductions(fn, x):
+    """How many reduce_sum equations of fn(x)'s jaxpr (calls in it included) depend on another
+    reduce_sum's output."""
+    from jax.extend.core import Literal
+
     after_reduce, count = set(), 0
-    for eqn in jaxpr.eqns:
-        fed = any(not isinstance(v, Literal) and v in after_reduce for v in eqn.invars)
+    for eqn, invars in _equations(fn, x):
+        fed = any(not isinstance(v, Literal) and v in after_reduce for v in invars)
         if eqn.primitive.name == "reduce_sum":
             count += fed
             after_reduce.update(eqn.outvars)
@@ -209,20 +232,43 @@ def _reductions_after_reductions(fn, x):
 def test_add_last_sums_the_last_axis_at_every_length():
     from tolerances import assert_close
 
-    from jaxdiff.models.layers import _add_last
+    from jaxdiff.models.layers import _add_axis, _add_last
 
     x = np.random.default_rng(0).standard_normal((3, 41)).astype(np.float32)
     for size in range(1, 42):
         got = np.asarray(_add_last(jnp.asarray(x[:, :size])))
         assert got.shape == (3, 1)
         assert_close(got[:, 0], x[:, :size].sum(-1), f"{size} channels")
+        # Any axis, the others kept.
+        got = np.asarray(_add_axis(jnp.asarray(x[:, :size].T[None]), 1))
+        assert got.shape == (1, 1, 3)
+        assert_close(got[0, 0], x[:, :size].sum(-1), f"{size} rows")
+
+
+@pytest.mark.parametrize(
+    "shape, blocks",
+    [
+        ((2, 4096, 320), 64),  # SD 1.5's first level at b2: 6 tiles of channels, 384 blocks
+        ((16, 4096, 320), 8),  # b16: 48 tiles, 384
+        ((2, 256, 1280), 4),  # no block under 64 rows
+        ((2, 64, 1280), 1),
+        ((1, 512 * 512, 128), 256),  # the VAE's last level at 512 px: 1,024 rows a block
+        ((1, 2048 * 2048, 128), 1024),  # at 2048 px: 4,096 rows a block, not more
+        ((2, 9 * 1024, 320), 64),  # 96x96 latents
+        ((3, 35, 32), 1),
+    ],
+)
+def test_norm_blocks_fill_the_gpu_within_their_row_limits(shape, blocks):
+    from jaxdiff.models.layers import _norm_blocks
+
+    assert _norm_blocks(*shape) == blocks
 
 
 def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
     """A bfloat16 input's statistics come from one pass over x (one GPU kernel for both sums,
-    per channel, then additions over each group's channels), and the output stays within its own
-    bfloat16 rounding of float64 math on the same input, at a mean 20 standard deviations from
-    zero, where one pass loses the most to float32."""
+    per channel and block of positions, then additions over the blocks and each group's
+    channels), and the output stays within its own bfloat16 rounding of float64 math on the same
+    input, at a mean 20 standard deviations from zero, where one pass loses the most to float32."""
     from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL
 
     from jaxdiff.models.layers import GroupNorm
@@ -242,11 +288,77 @@ def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
         return gn.apply(params, x)
 
     assert _reductions_after_reductions(norm, x) == 0
-    # Each sum over the spatial axis only; the group's channels are added up (`_add_last`).
-    sums = [e for e in jax.make_jaxpr(norm)(x).jaxpr.eqns if e.primitive.name == "reduce_sum"]
-    assert [e.params["axes"] for e in sums] == [(1,), (1,)]
+    # Each sum over a block of 64 positions only (`_norm_blocks`: 64 blocks of 4,096 positions);
+    # the blocks and the group's channels are added up (`_add_axis`).
+    sums = [e for e, _ in _equations(norm, x) if e.primitive.name == "reduce_sum"]
+    assert [(e.invars[0].aval.shape, e.params["axes"]) for e in sums] == [
+        ((2, 64, 64, 32, 10), (2,))
+    ] * 2
     # float32 keeps the two-pass variance, the squares of x less its mean.
     assert _reductions_after_reductions(norm, x.astype(jnp.float32)) == 1
+
+
+def _largest_reduction(fn, *args) -> int:
+    """The most elements any reduce_sum in `fn`'s jaxpr (nested ones included) adds into one."""
+    from jax.extend.core import jaxprs_in_params
+
+    most = 0
+
+    def walk(jaxpr):
+        nonlocal most
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "reduce_sum":
+                shape = eqn.invars[0].aval.shape
+                most = max(most, int(np.prod([shape[a] for a in eqn.params["axes"]])))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return most
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 64), (3, 7, 5, 32), (2, 96, 256)])
+def test_group_norm_gradient_of_16_bit_input_is_jaxs_of_the_two_pass_norm(shape):
+    """The written-out gradient (`_gn_bwd`: two sums per channel in one pass) is jax's gradient
+    of the float32 two-pass group norm, for x, the scale and the bias, with and without blocks
+    of positions (run here on float32 input, where both are exact to float32 rounding); and the
+    bfloat16 module's gradient sums no more than a block of positions into one number, where
+    jax's gradient of the forward sums over every position and channel of a group."""
+    from tolerances import assert_close
+
+    from jaxdiff.models.layers import GroupNorm, _group_norm_one_pass
+
+    rng = np.random.default_rng(1)
+    c = shape[-1]
+    x = jnp.asarray(1.0 + 2.0 * rng.standard_normal(shape), jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(2))
+    weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    gn = GroupNorm(8, 1e-5)
+
+    def two_pass(x, scale, bias):
+        return gn.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+    def one_pass(x, scale, bias):
+        return _group_norm_one_pass(x, scale, bias, 8, 1e-5)
+
+    def loss(norm):
+        return lambda *args: jnp.sum(norm(*args) * weights)
+
+    assert_close(jax.jit(one_pass)(x, scale, bias), two_pass(x, scale, bias), "output")
+    ours = jax.jit(jax.grad(loss(one_pass), (0, 1, 2)))(x, scale, bias)
+    jaxs = jax.grad(loss(two_pass), (0, 1, 2))(x, scale, bias)
+    for name, a, b in zip(("x", "scale", "bias"), ours, jaxs, strict=True):
+        assert_close(a, b, f"gradient of {name}")
+
+    x16 = jnp.zeros((2, 64, 64, 320), jnp.bfloat16)
+    gn16 = GroupNorm(32, 1e-5, dtype=jnp.bfloat16)
+    params = gn16.init(jax.random.key(0), x16)
+
+    def pull_back(params, x, cotangent):
+        return jax.vjp(gn16.apply, params, x)[1](cotangent)
+
+    # 64 positions a block; the scale's and bias's gradients add the batch's 2 sums.
+    assert _largest_reduction(pull_back, params, x16, x16) == 64
 
 
 def test_exact_gelu_is_torchs_in_each_dtype():

@@ -93,18 +93,119 @@ def _affine(module: nn.Module, channels: int):
     return scale.astype(jnp.float32), bias.astype(jnp.float32)
 
 
-def _add_last(x):
-    """`x` summed over its last axis (kept, of size 1) by additions, not a reduction. XLA makes
-    every reduction a kernel of its own, or two where it splits it; additions it puts in the
-    small kernel that finishes a norm's statistics: 42 kernels fewer in SD 1.5's UNet call, 60
-    in the SD VAE's decode (docs/benchmarks.md, session 16). Pairwise, halving the axis each
-    time: SD 1.5's traced UNet has 6,413 equations (3,979 with reductions), where one addition
-    per channel gave it 11,819."""
-    while (size := x.shape[-1]) > 1:
+def _add_axis(x, axis: int):
+    """`x` summed over `axis` (kept, of size 1) by additions, not a reduction. XLA makes every
+    reduction a kernel of its own, or two where it splits it; additions it puts in the small
+    kernel that finishes a norm's statistics: 42 kernels fewer in SD 1.5's UNet call, 60 in the
+    SD VAE's decode (docs/benchmarks.md, session 16). Pairwise, halving the axis each time: SD
+    1.5's traced UNet has 6,413 equations (3,979 with reductions), where one addition per channel
+    gave it 11,819."""
+    axis = axis % x.ndim
+    while (size := x.shape[axis]) > 1:
         half = size // 2
-        pairs = x[..., :half] + x[..., half : 2 * half]
-        x = jnp.concatenate([pairs, x[..., -1:]], -1) if size % 2 else pairs
+        pairs = jax.lax.slice_in_dim(x, 0, half, axis=axis) + jax.lax.slice_in_dim(
+            x, half, 2 * half, axis=axis
+        )
+        odd = jax.lax.slice_in_dim(x, size - 1, size, axis=axis)
+        x = jnp.concatenate([pairs, odd], axis) if size % 2 else pairs
     return x
+
+
+def _add_last(x):
+    """`x` summed over its last axis (kept, of size 1) by additions (`_add_axis`)."""
+    return _add_axis(x, -1)
+
+
+# A group norm's sums over positions (`_position_sums`) are cut into blocks of rows until there
+# are enough to fill a GPU: XLA:GPU gives a column reduction one block of threads per 128 kept
+# channels and batch row, and an H100 or H200 runs two such blocks (1,024 threads) on each of its
+# 132 multiprocessors at once. A block keeps at least 64 rows, and at most 4,096 (more, and XLA
+# splits the reduction in two kernels itself).
+_NORM_GRID = 256
+_NORM_MIN_ROWS = 64
+_NORM_MAX_ROWS = 4096
+
+
+def _norm_blocks(batch: int, positions: int, channels: int) -> int:
+    """How many blocks of rows `_position_sums` cuts `positions` into: doubled until the
+    reductions' grid reaches `_NORM_GRID` or a block would fall under `_NORM_MIN_ROWS` rows, and
+    until no block has over `_NORM_MAX_ROWS`; then the largest divisor of `positions` under it."""
+    tiles = batch * -(-channels // 128)
+    k = 1
+    while k * tiles < _NORM_GRID and positions // (2 * k) >= _NORM_MIN_ROWS:
+        k *= 2
+    while positions // k > _NORM_MAX_ROWS:
+        k *= 2
+    while positions % k:
+        k -= 1
+    return k
+
+
+def _position_sums(*arrays):
+    """Each [B, P, G, C/G] array summed over its positions P, per channel: [B, 1, G, C/G] each.
+
+    XLA:GPU reduces a column reduction's rows (up to 4,096) inside one block of threads, so the
+    grid is only B times the channels in tiles of 128: 6 blocks for SD 1.5's group norms at 64x64
+    and batch 2, on a GPU of 132 multiprocessors (36 us a norm on an H200; docs/benchmarks.md,
+    session 17). Cut into `_norm_blocks` blocks of rows, each reduced on its own (there: 32
+    blocks, 192 in the grid), the blocks' sums are then added up, all arrays at once; not summed
+    again by a reduction, which XLA would merge into the first."""
+    b, p, groups, per_group = arrays[0].shape
+    k = _norm_blocks(b, p, groups * per_group)
+    if k == 1:
+        return [a.sum(axis=1, keepdims=True) for a in arrays]
+    blocks = [a.reshape(b, k, p // k, *a.shape[2:]).sum(axis=2) for a in arrays]
+    return list(_add_axis(jnp.stack(blocks), 2))
+
+
+def _group_statistics(x, groups: int, epsilon: float):
+    """x [B, ..., C] as float32 [B, P, G, C/G], its groups' mean and 1/std ([B, 1, G, 1]) from
+    one pass: E[x^2] - E[x]^2 (`GroupNorm`)."""
+    b, c = x.shape[0], x.shape[-1]
+    grouped = x.astype(jnp.float32).reshape(b, -1, groups, c // groups)
+    n = grouped.shape[1] * grouped.shape[3]
+    first, second = _position_sums(grouped, jnp.square(grouped))
+    mean = _add_last(first) / n
+    var = jnp.maximum(_add_last(second) / n - jnp.square(mean), 0.0)
+    return grouped, mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm_one_pass(x, scale, bias, groups: int, epsilon: float):
+    """GroupNorm of a 16-bit x (float32 result), with its gradient written out (`_gn_bwd`)."""
+    return _gn_fwd(x, scale, bias, groups, epsilon)[0]
+
+
+def _gn_fwd(x, scale, bias, groups, epsilon):
+    grouped, mean, rstd = _group_statistics(x, groups, epsilon)
+    y = ((grouped - mean) * rstd).reshape(x.shape) * scale + bias
+    return y, (x, scale, mean, rstd)
+
+
+def _gn_bwd(groups, epsilon, residuals, dy):
+    """The gradient from two sums per channel over positions, sum(dy) and sum(dy * xhat), in one
+    pass (`_position_sums`): the bias's and scale's gradients are their sums over the batch, the
+    group means of dy * scale and of dy * scale * xhat their sums over each group's channels.
+    dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / std. XLA's gradient of the forward
+    reduced over positions and channels at once, and over the batch and positions for the
+    scale and bias: column reductions of a few blocks each (docs/benchmarks.md, session 17)."""
+    x, scale, mean, rstd = residuals
+    c = x.shape[-1]
+    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, groups, c // groups)
+    n = grouped.shape[1] * grouped.shape[3]
+    dy = dy.astype(jnp.float32).reshape(grouped.shape)
+    xhat = (grouped - mean) * rstd
+    dy_sum, dy_xhat_sum = _position_sums(dy, dy * xhat)
+    per_group = scale.astype(jnp.float32).reshape(groups, c // groups)
+    dxhat_mean = _add_last(dy_sum * per_group) / n
+    dxhat_xhat_mean = _add_last(dy_xhat_sum * per_group) / n
+    dx = rstd * (dy * per_group - dxhat_mean - xhat * dxhat_xhat_mean)
+    dscale = dy_xhat_sum.sum(axis=(0, 1)).reshape(c).astype(scale.dtype)
+    dbias = dy_sum.sum(axis=(0, 1)).reshape(c).astype(scale.dtype)
+    return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
+
+
+_group_norm_one_pass.defvjp(_gn_fwd, _gn_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -118,7 +219,9 @@ class GroupNorm(nn.Module):
     two more kernels (61 norms in SD 1.5's UNet). In float32 the one-pass variance is off by
     about 1e-7 (mean/std)^2 of itself, each output by half that, while rounding x to 16 bits has
     already moved each output by up to 2e-3 mean/std (bfloat16): the input's rounding stays the
-    larger error until mean/std is in the thousands. A float32 input keeps the two-pass form.
+    larger error until mean/std is in the thousands. Its sums over positions go in blocks of
+    rows (`_position_sums`), and its gradient is written out (`_gn_bwd`). A float32 input keeps
+    the two-pass form and jax's gradient of it.
     """
 
     num_groups: int
@@ -130,18 +233,12 @@ class GroupNorm(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         scale, bias = _affine(self, c)
-        x32 = x.astype(jnp.float32)
-        grouped = x32.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         if jnp.dtype(x.dtype).itemsize == 2:
-            # Both sums in one pass, per channel ([B, 1, G, C/G]), then over each group's
-            # channels by additions (`_add_last`).
-            n = grouped.shape[1] * grouped.shape[3]
-            mean = _add_last(grouped.sum(axis=1, keepdims=True)) / n
-            second = _add_last(jnp.square(grouped).sum(axis=1, keepdims=True)) / n
-            var = jnp.maximum(second - jnp.square(mean), 0.0)
-        else:
-            mean = grouped.mean(axis=(1, 3), keepdims=True)
-            var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+            y = _group_norm_one_pass(x, scale, bias, self.num_groups, self.epsilon)
+            return y.astype(self.dtype)
+        grouped = x.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * scale + bias
         return y.astype(self.dtype)
