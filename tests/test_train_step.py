@@ -171,8 +171,8 @@ def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypat
 def test_norm_clip_and_finiteness_reduce_small_leaves_together():
     """`state.global_norm`, `clip_by_global_norm` and `all_finite` are optax's norm and clipping
     and a per-leaf finiteness check, reduced in one concatenation of the leaves of at most
-    SMALL_LEAF elements and the larger leaves' reductions to their last axis (one final kernel
-    on a GPU)."""
+    SMALL_LEAF elements and the larger leaves' reductions to their major axis on a GPU (one
+    final kernel)."""
     import optax
 
     from jaxdiff.train import state as st
@@ -199,6 +199,19 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
             assert_close(a, b, f"clipped at {max_norm}")
     assert st.clip_by_global_norm(1.0).init(tree) == optax.clip_by_global_norm(1.0).init(tree)
     assert bool(st.all_finite(tree))
+
+    # A large gradient reduced along its rows, to the axis major in memory: a dense kernel's
+    # first, a convolution kernel's output channels (first in cuDNN's order); parameters to
+    # their last axis.
+    def axes(fn, primitive):
+        eqns = jax.make_jaxpr(fn)(tree).jaxpr.eqns
+        found = {
+            e.invars[0].aval.shape: e.params["axes"] for e in eqns if e.primitive.name == primitive
+        }
+        return found[(300, 300)], found[(3, 3, 64, 128)]
+
+    assert axes(st.global_norm, "reduce_sum") == ((1,), (0, 1, 2))
+    assert axes(st.all_finite, "reduce_and") == ((0,), (0, 1, 2))
 
     def first_inf(x):
         return np.where(np.arange(x.size).reshape(x.shape) == 0, np.inf, x).astype(np.float32)

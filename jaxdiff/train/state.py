@@ -201,20 +201,35 @@ def small_leaf_limit(fsdp: int) -> int:
     return SMALL_LEAF if fsdp == 1 else 0
 
 
-def _reduce_together(tree, elementwise, reduce, small: int):
+def _major_axis(x) -> int:
+    """The axis of a gradient that is major in its memory order on a GPU: a convolution
+    kernel's output channels (the last axis of HWIO, first in cuDNN's order), else the first
+    axis (the default order)."""
+    return x.ndim - 1 if x.ndim == 4 else 0
+
+
+def _last_axis(x) -> int:
+    return x.ndim - 1
+
+
+def _reduce_together(tree, elementwise, reduce, small: int, major_axis):
     """`reduce` of `elementwise` of every element of `tree`, in one final reduction where
     `small` > 0: the leaves of at most `small` elements concatenated (in float32), and each
-    larger leaf first reduced over all its axes but the last. XLA launches kernels per
-    reduction: SD 1.5's UNet has 404 biases and norm scales (SDXL's 886), which one
-    concatenation makes one kernel; and XLA splits a large leaf's reduction to a scalar in two
-    kernels, where its reduction to its last axis (a convolution kernel's output channels, the
-    major axis in cuDNN's order, or a dense kernel's columns) is one. With `small` 0 (FSDP),
-    each leaf is reduced on its own, as XLA partitions that best."""
+    larger leaf first reduced to `major_axis(leaf)`. XLA launches kernels per reduction: SD
+    1.5's UNet has 404 biases and norm scales (SDXL's 886), which one concatenation makes one
+    kernel; and XLA splits a large leaf's reduction to a scalar in two kernels, where its
+    reduction to one axis is one. Best that axis is the one major in memory, so that the
+    reduction runs along rows: XLA:GPU gives a reduction that keeps the minor axis only a block
+    of threads per 128 of it (10 blocks for a 1280 x 1280 dense kernel's columns;
+    docs/benchmarks.md, session 17). With `small` 0 (FSDP), each leaf is reduced on its own, as
+    XLA partitions that best."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not small:
         return reduce(jnp.stack([reduce(elementwise(x)) for x in leaves] or [reduce(jnp.zeros(0))]))
     parts = [
-        reduce(elementwise(x), axis=tuple(range(x.ndim - 1))) if x.ndim > 1 else elementwise(x)
+        reduce(elementwise(x), axis=tuple(a for a in range(x.ndim) if a != major_axis(x)))
+        if x.ndim > 1
+        else elementwise(x)
         for x in leaves
         if x.size > small
     ]
@@ -230,16 +245,20 @@ def _reduce_together(tree, elementwise, reduce, small: int):
 
 def global_norm(tree, small: int = SMALL_LEAF) -> jax.Array:
     """The l2 norm of all of `tree`'s leaves together (`optax.tree.norm`), in float32, reduced
-    as `_reduce_together` says."""
+    as `_reduce_together` says: each large leaf to its major axis (`_major_axis`)."""
     return jnp.sqrt(
-        _reduce_together(tree, lambda x: jnp.square(x.astype(jnp.float32)), jnp.sum, small)
+        _reduce_together(
+            tree, lambda x: jnp.square(x.astype(jnp.float32)), jnp.sum, small, _major_axis
+        )
     )
 
 
 def all_finite(tree, small: int = SMALL_LEAF) -> jax.Array:
     """Whether every element of `tree` is finite (a bool scalar), reduced as `_reduce_together`
-    says."""
-    return _reduce_together(tree, jnp.isfinite, jnp.all, small)
+    says: each large leaf to its last axis. (To its major one, the step's updated dense kernels
+    came out of XLA in the other order and were copied back: 198 copies in SD 1.5's step, and
+    to a scalar 150, deviceless; docs/benchmarks.md, session 17.)"""
+    return _reduce_together(tree, jnp.isfinite, jnp.all, small, _last_axis)
 
 
 def clip_by_global_norm(max_norm: float, small: int = SMALL_LEAF) -> optax.GradientTransformation:
