@@ -3,6 +3,7 @@
 import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -359,6 +360,92 @@ def test_group_norm_gradient_of_16_bit_input_is_jaxs_of_the_two_pass_norm(shape)
 
     # 64 positions a block; the scale's and bias's gradients add the batch's 2 sums.
     assert _largest_reduction(pull_back, params, x16, x16) == 64
+
+
+def _row_sums(fn, *args) -> list[int]:
+    """How many elements each reduce_sum of `fn`'s jaxpr (calls in it included) that keeps the
+    last axis adds into one: sums over rows, as a bias's or a norm scale's gradient."""
+    return [
+        int(np.prod([e.invars[0].aval.shape[a] for a in e.params["axes"]]))
+        for e, _ in _equations(fn, *args)
+        if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim - 1 not in e.params["axes"]
+    ]
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 96), (2, 77, 64), (3, 5, 7, 32)])
+def test_layer_norm_gradient_of_16_bit_input_is_jaxs(shape):
+    """LayerNorm's written-out gradient (`_ln_bwd`) is jax's gradient of the float32 norm for x,
+    the scale and the bias (run on float32 input); the bfloat16 module's sums over rows go in
+    blocks of at most 64 (`_position_sums`) where jax's sums all of them at once."""
+    from tolerances import assert_close
+
+    from jaxdiff.models.layers import LayerNorm, _layer_norm_16
+
+    rng = np.random.default_rng(2)
+    c = shape[-1]
+    x = jnp.asarray(1.0 + 2.0 * rng.standard_normal(shape), jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(2))
+    weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    ln = LayerNorm(1e-5)
+
+    def jaxs(x, scale, bias):
+        return ln.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+    def ours(x, scale, bias):
+        return _layer_norm_16(x, scale, bias, 1e-5)
+
+    assert_close(jax.jit(ours)(x, scale, bias), jaxs(x, scale, bias), "output")
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * weights), (0, 1, 2)))(x, scale, bias)
+    want = jax.grad(lambda *a: jnp.sum(jaxs(*a) * weights), (0, 1, 2))(x, scale, bias)
+    for name, a, b in zip(("x", "scale", "bias"), got, want, strict=True):
+        assert_close(a, b, f"gradient of {name}")
+
+    x16 = jnp.zeros((8, 256, 320), jnp.bfloat16)
+    ln16 = LayerNorm(1e-5, dtype=jnp.bfloat16)
+    params = ln16.init(jax.random.key(0), x16)
+
+    def pull_back(params, x, cotangent):
+        return jax.vjp(ln16.apply, params, x)[1](cotangent)
+
+    assert max(_row_sums(pull_back, params, x16, x16)) == 64  # 2,048 rows in 32 blocks
+    assert max(_row_sums(pull_back, params, x16.astype(jnp.float32), x16)) == 2048
+
+
+def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
+    """`add_per_channel` (a bias, or a time embedding per sample) adds v over the other axes;
+    v's gradient is the sum of the cotangent over them, for bfloat16 within the rounding of its
+    own output, summed in blocks of at most 64 rows; float32 keeps jax's one reduction. jaxdiff's
+    Dense (bias through it) is flax's Dense."""
+    from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL, assert_close
+
+    from jaxdiff.models.layers import Dense, add_per_channel
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((8, 16, 16, 1280)), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+
+    def v_gradient(x, v, cotangent):
+        return jax.vjp(add_per_channel, x, v)[1](cotangent)[1]
+
+    for v in (rng.standard_normal(1280), rng.standard_normal((8, 1280))):
+        v = jnp.asarray(v, jnp.bfloat16)
+        np.testing.assert_array_equal(
+            np.asarray(add_per_channel(x, v)), np.asarray(x + v.reshape(-1, 1, 1, 1280))
+        )
+        c = np.asarray(cotangent, np.float64)
+        want = c.sum((0, 1, 2)) if v.ndim == 1 else c.sum((1, 2))
+        err = np.abs(np.asarray(jax.jit(v_gradient)(x, v, cotangent), np.float64) - want)
+        assert np.all(err <= FLOAT32_ATOL + BF16_OUTPUT_RTOL * np.abs(want)), err.max()
+        assert max(_row_sums(v_gradient, x, v, cotangent)) == 64
+        rows = 8 * 16 * 16 if v.ndim == 1 else 16 * 16
+        as32 = (a.astype(jnp.float32) for a in (x, v, cotangent))
+        assert max(_row_sums(v_gradient, *as32)) == rows
+
+    inputs = jnp.asarray(rng.standard_normal((4, 77, 96)), jnp.float32)
+    flax_dense = nn.Dense(64)
+    params = flax_dense.init(jax.random.key(1), inputs)
+    params = jax.tree_util.tree_map(lambda p: p + 0.5, params)  # a bias that is not zero
+    assert_close(Dense(64).apply(params, inputs), flax_dense.apply(params, inputs), "Dense")
 
 
 def test_exact_gelu_is_torchs_in_each_dtype():

@@ -33,6 +33,30 @@ def _boxed(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
 
+class Dense(nn.Dense):
+    """flax's Dense with its bias added by `add_per_channel`, whose gradient sums over rows in
+    blocks (flax's `Dense.__call__` otherwise, parameters and all)."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if self.dot_general_cls is not None:
+            dot_general = self.dot_general_cls()
+        else:
+            dot_general = self.dot_general or jax.lax.dot_general
+        dims = (((inputs.ndim - 1,), (0,)), ((), ()))
+        y = dot_general(inputs, kernel, dims, precision=self.precision)
+        return y if bias is None else add_per_channel(y, bias)
+
+
 def dense(
     features: int,
     axes: tuple[str, str],
@@ -43,7 +67,7 @@ def dense(
     name: str | None = None,
 ) -> nn.Dense:
     """A Linear layer; `axes` names its kernel's (input, output) dimensions."""
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
@@ -208,6 +232,68 @@ def _gn_bwd(groups, epsilon, residuals, dy):
 _group_norm_one_pass.defvjp(_gn_fwd, _gn_bwd)
 
 
+@jax.custom_vjp
+def add_per_channel(x, v):
+    """x [B, ..., C] plus v, one value per channel ([C]) or per sample and channel ([B, C]),
+    broadcast over the other axes. Its gradient for v sums over those, for a 16-bit x in
+    blocks of rows (`_position_sums`), where jax's is one reduction that XLA:GPU runs as a block of threads per
+    128 channels (and batch row) for up to 4,096 rows: a bias's gradient over SD 1.5's 16x16
+    level at batch 8 (2,048 rows, 1,280 channels) had 10 (docs/benchmarks.md, session 17)."""
+    return x + v.reshape(v.shape[:-1] + (1,) * (x.ndim - v.ndim) + v.shape[-1:])
+
+
+def _add_per_channel_fwd(x, v):
+    return add_per_channel(x, v), v
+
+
+def _add_per_channel_bwd(v, dy):
+    c = dy.shape[-1]
+    b = v.shape[0] if v.ndim == 2 else 1
+    rows = dy.reshape(b, -1, 1, c)
+    if jnp.dtype(dy.dtype).itemsize == 2:  # as on a GPU; float32 keeps jax's reduction
+        (sums,) = _position_sums(rows.astype(jnp.float32))
+    else:
+        sums = rows.sum(axis=1)
+    return dy, sums.reshape(v.shape).astype(v.dtype)
+
+
+add_per_channel.defvjp(_add_per_channel_fwd, _add_per_channel_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_16(x, scale, bias, epsilon: float):
+    """LayerNorm of a 16-bit x (float32 result), its gradient written out (`_ln_bwd`)."""
+    return _ln_fwd(x, scale, bias, epsilon)[0]
+
+
+def _ln_fwd(x, scale, bias, epsilon):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(axis=-1, keepdims=True) + epsilon)
+    return (x32 - mean) * rstd * scale + bias, (x, scale, mean, rstd)
+
+
+def _ln_bwd(epsilon, residuals, dy):
+    """dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / std over each row's channels;
+    the scale's and bias's gradients, sums over rows of dy * xhat and dy, in blocks of rows
+    (`_position_sums`): jax's gradient sums each in one column reduction (`add_per_channel`)."""
+    x, scale, mean, rstd = residuals
+    c = x.shape[-1]
+    dy = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dxhat = dy * scale
+    dx = rstd * (
+        dxhat
+        - dxhat.mean(axis=-1, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    )
+    dbias, dscale = _position_sums(dy.reshape(1, -1, 1, c), (dy * xhat).reshape(1, -1, 1, c))
+    return dx.astype(x.dtype), dscale.reshape(c), dbias.reshape(c)
+
+
+_layer_norm_16.defvjp(_ln_fwd, _ln_bwd)
+
+
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm over the channel (last) axis of NHWC or NTC input.
 
@@ -245,7 +331,8 @@ class GroupNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the last axis, computed in float32 for the same reason."""
+    """torch.nn.LayerNorm over the last axis, computed in float32 for the same reason. A 16-bit
+    input's gradient is written out (`_ln_bwd`); a float32 input keeps jax's."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -255,6 +342,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         scale, bias = _affine(self, c)
+        if jnp.dtype(x.dtype).itemsize == 2:
+            return _layer_norm_16(x, scale, bias, self.epsilon).astype(self.dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(axis=-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
@@ -662,11 +751,10 @@ class ResnetBlock2D(nn.Module):
         if temb is not None:
             width = self.out_channels * (2 if self.time_scale_shift == "scale_shift" else 1)
             t = dense(width, ("embed", "conv_out"), name="time_emb_proj", **kw)(act(temb))
-            t = t[:, None, None, :]
             if self.time_scale_shift == "scale_shift":
-                scale_shift = jnp.split(t, 2, axis=-1)
+                scale_shift = jnp.split(t[:, None, None, :], 2, axis=-1)
             else:
-                h = h + t
+                h = add_per_channel(h, t)
         h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
         if scale_shift is not None:
             h = h * (1 + scale_shift[0]) + scale_shift[1]
