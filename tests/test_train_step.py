@@ -200,9 +200,8 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
     assert st.clip_by_global_norm(1.0).init(tree) == optax.clip_by_global_norm(1.0).init(tree)
     assert bool(st.all_finite(tree))
 
-    # A large gradient reduced along its rows, to the axis major in memory: a dense kernel's
-    # first, a convolution kernel's output channels (first in cuDNN's order); parameters to
-    # their last axis.
+    # A large leaf reduced along its rows, to the axis major in memory: a dense kernel's first,
+    # a convolution kernel's output channels (first in cuDNN's order).
     def axes(fn, primitive):
         eqns = jax.make_jaxpr(fn)(tree).jaxpr.eqns
         found = {
@@ -211,7 +210,15 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
         return found[(300, 300)], found[(3, 3, 64, 128)]
 
     assert axes(st.global_norm, "reduce_sum") == ((1,), (0, 1, 2))
-    assert axes(st.all_finite, "reduce_and") == ((0,), (0, 1, 2))
+    assert axes(st.all_finite, "reduce_and") == ((1,), (0, 1, 2))
+    # The parameters' dense kernels behind a barrier, kept out of the update's kernel.
+    fenced = [
+        v.aval.shape
+        for e in jax.make_jaxpr(st.all_finite)(tree).jaxpr.eqns
+        if e.primitive.name == "optimization_barrier"
+        for v in e.invars
+    ]
+    assert (300, 300) in fenced and (3, 3, 64, 128) not in fenced
 
     def first_inf(x):
         return np.where(np.arange(x.size).reshape(x.shape) == 0, np.inf, x).astype(np.float32)

@@ -236,9 +236,10 @@ _group_norm_one_pass.defvjp(_gn_fwd, _gn_bwd)
 def add_per_channel(x, v):
     """x [B, ..., C] plus v, one value per channel ([C]) or per sample and channel ([B, C]),
     broadcast over the other axes. Its gradient for v sums over those, for a 16-bit x in
-    blocks of rows (`_position_sums`), where jax's is one reduction that XLA:GPU runs as a block of threads per
-    128 channels (and batch row) for up to 4,096 rows: a bias's gradient over SD 1.5's 16x16
-    level at batch 8 (2,048 rows, 1,280 channels) had 10 (docs/benchmarks.md, session 17)."""
+    blocks of rows (`_position_sums`), where jax's is one reduction that XLA:GPU runs as a block
+    of threads per 128 channels (and batch row) for up to 4,096 rows: a bias's gradient over SD
+    1.5's 16x16 level at batch 8 (2,048 rows, 1,280 channels) had 10 (docs/benchmarks.md,
+    session 17)."""
     return x + v.reshape(v.shape[:-1] + (1,) * (x.ndim - v.ndim) + v.shape[-1:])
 
 

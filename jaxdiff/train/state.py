@@ -202,37 +202,37 @@ def small_leaf_limit(fsdp: int) -> int:
 
 
 def _major_axis(x) -> int:
-    """The axis of a gradient that is major in its memory order on a GPU: a convolution
-    kernel's output channels (the last axis of HWIO, first in cuDNN's order), else the first
-    axis (the default order)."""
+    """The axis of a state leaf (or its gradient) that is major in its memory order on a GPU: a
+    convolution kernel's output channels (the last axis of HWIO, first in cuDNN's order), else
+    the first axis (the default order)."""
     return x.ndim - 1 if x.ndim == 4 else 0
 
 
-def _last_axis(x) -> int:
-    return x.ndim - 1
-
-
-def _reduce_together(tree, elementwise, reduce, small: int, major_axis):
+def _reduce_together(tree, elementwise, reduce, small: int, fence_dense: bool = False):
     """`reduce` of `elementwise` of every element of `tree`, in one final reduction where
     `small` > 0: the leaves of at most `small` elements concatenated (in float32), and each
-    larger leaf first reduced to `major_axis(leaf)`. XLA launches kernels per reduction: SD
-    1.5's UNet has 404 biases and norm scales (SDXL's 886), which one concatenation makes one
-    kernel; and XLA splits a large leaf's reduction to a scalar in two kernels, where its
-    reduction to one axis is one. Best that axis is the one major in memory, so that the
-    reduction runs along rows: XLA:GPU gives a reduction that keeps the minor axis only a block
-    of threads per 128 of it (10 blocks for a 1280 x 1280 dense kernel's columns;
-    docs/benchmarks.md, session 17). With `small` 0 (FSDP), each leaf is reduced on its own, as
-    XLA partitions that best."""
+    larger leaf first reduced to its major axis (`_major_axis`). XLA launches kernels per
+    reduction: SD 1.5's UNet has 404 biases and norm scales (SDXL's 886), which one
+    concatenation makes one kernel; and XLA splits a large leaf's reduction to a scalar in two
+    kernels, where its reduction to one axis is one. The axis major in memory makes it a
+    reduction along rows: XLA:GPU gives a reduction that keeps the minor axis only a block of
+    threads per 128 of it (10 blocks for a 1280 x 1280 dense kernel's columns;
+    docs/benchmarks.md, session 17). `fence_dense`: a dense kernel goes through an
+    optimization barrier first, so that XLA does not fuse its reduction into the kernel that
+    computes it (`all_finite`). With `small` 0 (FSDP), each leaf is reduced on its own, as XLA
+    partitions that best."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not small:
         return reduce(jnp.stack([reduce(elementwise(x)) for x in leaves] or [reduce(jnp.zeros(0))]))
-    parts = [
-        reduce(elementwise(x), axis=tuple(a for a in range(x.ndim) if a != major_axis(x)))
-        if x.ndim > 1
-        else elementwise(x)
-        for x in leaves
-        if x.size > small
-    ]
+
+    def partial(x):
+        if x.ndim == 1:
+            return elementwise(x)
+        if fence_dense and x.ndim != 4:
+            x = jax.lax.optimization_barrier(x)
+        return reduce(elementwise(x), axis=tuple(a for a in range(x.ndim) if a != _major_axis(x)))
+
+    parts = [partial(x) for x in leaves if x.size > small]
     together = [x.reshape(-1).astype(jnp.float32) for x in leaves if x.size <= small]
     if together:
         parts.append(elementwise(jnp.concatenate(together)))
@@ -247,18 +247,16 @@ def global_norm(tree, small: int = SMALL_LEAF) -> jax.Array:
     """The l2 norm of all of `tree`'s leaves together (`optax.tree.norm`), in float32, reduced
     as `_reduce_together` says: each large leaf to its major axis (`_major_axis`)."""
     return jnp.sqrt(
-        _reduce_together(
-            tree, lambda x: jnp.square(x.astype(jnp.float32)), jnp.sum, small, _major_axis
-        )
+        _reduce_together(tree, lambda x: jnp.square(x.astype(jnp.float32)), jnp.sum, small)
     )
 
 
 def all_finite(tree, small: int = SMALL_LEAF) -> jax.Array:
     """Whether every element of `tree` is finite (a bool scalar), reduced as `_reduce_together`
-    says: each large leaf to its last axis. (To its major one, the step's updated dense kernels
-    came out of XLA in the other order and were copied back: 198 copies in SD 1.5's step, and
-    to a scalar 150, deviceless; docs/benchmarks.md, session 17.)"""
-    return _reduce_together(tree, jnp.isfinite, jnp.all, small, _last_axis)
+    says, a dense kernel behind a barrier: in the train step XLA fused its reduction into the
+    update that writes the new weights, which then could not write into the donated state's
+    buffer (198 copies in SD 1.5's step, deviceless; docs/benchmarks.md, session 17)."""
+    return _reduce_together(tree, jnp.isfinite, jnp.all, small, fence_dense=True)
 
 
 def clip_by_global_norm(max_norm: float, small: int = SMALL_LEAF) -> optax.GradientTransformation:
