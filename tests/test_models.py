@@ -415,10 +415,10 @@ def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
     """`add_per_channel` (a bias, or a time embedding per sample) adds v over the other axes;
     v's gradient is the sum of the cotangent over them, for bfloat16 within the rounding of its
     own output, summed in blocks of at most 64 rows; float32 keeps jax's one reduction. jaxdiff's
-    Dense (bias through it) is flax's Dense."""
+    Dense and convolution (biases through it) are flax's."""
     from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL, assert_close
 
-    from jaxdiff.models.layers import Dense, add_per_channel
+    from jaxdiff.models.layers import Dense, add_per_channel, conv
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((8, 16, 16, 1280)), jnp.bfloat16)
@@ -446,6 +446,27 @@ def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
     params = flax_dense.init(jax.random.key(1), inputs)
     params = jax.tree_util.tree_map(lambda p: p + 0.5, params)  # a bias that is not zero
     assert_close(Dense(64).apply(params, inputs), flax_dense.apply(params, inputs), "Dense")
+
+    # jaxdiff's convolution: flax's, the same parameters, its bias through add_per_channel.
+    images = jnp.asarray(rng.standard_normal((2, 32, 32, 8)), jnp.bfloat16)
+    ours = conv(16, 3, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    flax_conv = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16)
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.5, nn.unbox(ours.init(jax.random.key(2), images))
+    )
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        flax_conv.init(jax.random.key(2), images)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(ours.apply(params, images), np.float32),
+        np.asarray(flax_conv.apply(params, images), np.float32),
+    )
+
+    def bias_gradient(params, images, cotangent):
+        return jax.vjp(ours.apply, params, images)[1](cotangent)[0]["params"]["bias"]
+
+    out = jnp.zeros((2, 32, 32, 16), jnp.bfloat16)
+    assert max(_row_sums(bias_gradient, params, images, out)) == 64  # 2 x 1,024 positions
 
 
 def test_exact_gelu_is_torchs_in_each_dtype():

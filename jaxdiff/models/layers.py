@@ -78,6 +78,21 @@ def dense(
     )
 
 
+class Conv(nn.Conv):
+    """flax's Conv, built with `use_bias=False`, and its bias (the same parameter, "bias") added
+    by `add_per_channel`, whose gradient sums over positions in blocks (`biased`)."""
+
+    biased: bool = True
+
+    @nn.compact
+    def __call__(self, inputs):
+        y = super().__call__(inputs)
+        if not self.biased:
+            return y
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return add_per_channel(y, bias.astype(y.dtype))
+
+
 def conv(
     features: int,
     kernel_size: int = 3,
@@ -93,11 +108,12 @@ def conv(
         padding = kernel_size // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nn.Conv(
+    return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),
         padding=padding,
+        use_bias=False,  # `Conv` adds its own
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=_boxed(nn.initializers.lecun_normal(), CONV_AXES),
