@@ -80,14 +80,15 @@ def dense(
 
 class Conv(nn.Conv):
     """flax's Conv, built with `use_bias=False`, and its bias (the same parameter, "bias") added
-    by `add_per_channel`, whose gradient sums over positions in blocks (`biased`)."""
+    by `add_per_channel`, whose gradient sums over positions in blocks (`biased`). Built with
+    `use_bias=True`, it is flax's Conv as it is."""
 
     biased: bool = True
 
     @nn.compact
     def __call__(self, inputs):
         y = super().__call__(inputs)
-        if not self.biased:
+        if self.use_bias or not self.biased:
             return y
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         return add_per_channel(y, bias.astype(y.dtype))
@@ -156,8 +157,8 @@ def _add_last(x):
     return _add_axis(x, -1)
 
 
-# A group norm's sums over positions (`_position_sums`) are cut into blocks of rows until there
-# are enough to fill a GPU: XLA:GPU gives a column reduction one block of threads per 128 kept
+# Sums over positions or rows (`_position_sums`: a group norm's statistics, and the gradients of
+# norm scales and biases) are cut into blocks of rows until there are enough to fill a GPU: XLA:GPU gives a column reduction one block of threads per 128 kept
 # channels and batch row, and an H100 or H200 runs two such blocks (1,024 threads) on each of its
 # 132 multiprocessors at once. A block keeps at least 64 rows, and at most 4,096 (more, and XLA
 # splits the reduction in two kernels itself).
@@ -187,8 +188,8 @@ def _position_sums(*arrays):
     XLA:GPU reduces a column reduction's rows (up to 4,096) inside one block of threads, so the
     grid is only B times the channels in tiles of 128: 6 blocks for SD 1.5's group norms at 64x64
     and batch 2, on a GPU of 132 multiprocessors (36 us a norm on an H200; docs/benchmarks.md,
-    session 17). Cut into `_norm_blocks` blocks of rows, each reduced on its own (there: 32
-    blocks, 192 in the grid), the blocks' sums are then added up, all arrays at once; not summed
+    session 17). Cut into `_norm_blocks` blocks of rows, each reduced on its own (there: 64
+    blocks, a grid of 384), the blocks' sums are then added up, all arrays at once; not summed
     again by a reduction, which XLA would merge into the first."""
     b, p, groups, per_group = arrays[0].shape
     k = _norm_blocks(b, p, groups * per_group)

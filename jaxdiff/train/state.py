@@ -225,14 +225,14 @@ def _reduce_together(tree, elementwise, reduce, small: int, fence_dense: bool = 
     if not small:
         return reduce(jnp.stack([reduce(elementwise(x)) for x in leaves] or [reduce(jnp.zeros(0))]))
 
-    def partial(x):
+    def to_major_axis(x):
         if x.ndim == 1:
             return elementwise(x)
         if fence_dense and x.ndim != 4:
             x = jax.lax.optimization_barrier(x)
         return reduce(elementwise(x), axis=tuple(a for a in range(x.ndim) if a != _major_axis(x)))
 
-    parts = [partial(x) for x in leaves if x.size > small]
+    parts = [to_major_axis(x) for x in leaves if x.size > small]
     together = [x.reshape(-1).astype(jnp.float32) for x in leaves if x.size <= small]
     if together:
         parts.append(elementwise(jnp.concatenate(together)))
