@@ -230,6 +230,18 @@ def _reductions_after_reductions(fn, x):
     return count
 
 
+def _sum_sizes(fn, *args, rows=False) -> list[int]:
+    """How many elements each reduce_sum of `fn`'s jaxpr (calls in it included) adds into one;
+    with `rows`, only those that keep the last axis: sums over rows, as a bias's or a norm
+    scale's gradient."""
+    return [
+        int(np.prod([e.invars[0].aval.shape[a] for a in e.params["axes"]]))
+        for e, _ in _equations(fn, *args)
+        if e.primitive.name == "reduce_sum"
+        and not (rows and e.invars[0].aval.ndim - 1 in e.params["axes"])
+    ]
+
+
 def test_add_last_sums_the_last_axis_at_every_length():
     from tolerances import assert_close
 
@@ -240,7 +252,7 @@ def test_add_last_sums_the_last_axis_at_every_length():
         got = np.asarray(_add_last(jnp.asarray(x[:, :size])))
         assert got.shape == (3, 1)
         assert_close(got[:, 0], x[:, :size].sum(-1), f"{size} channels")
-        # Any axis, the others kept.
+    for size in (1, 2, 3, 7, 32, 41):  # any axis, the others kept
         got = np.asarray(_add_axis(jnp.asarray(x[:, :size].T[None]), 1))
         assert got.shape == (1, 1, 3)
         assert_close(got[0, 0], x[:, :size].sum(-1), f"{size} rows")
@@ -299,25 +311,6 @@ def test_group_norm_of_16_bit_input_takes_one_pass_within_its_rounding():
     assert _reductions_after_reductions(norm, x.astype(jnp.float32)) == 1
 
 
-def _largest_reduction(fn, *args) -> int:
-    """The most elements any reduce_sum in `fn`'s jaxpr (nested ones included) adds into one."""
-    from jax.extend.core import jaxprs_in_params
-
-    most = 0
-
-    def walk(jaxpr):
-        nonlocal most
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "reduce_sum":
-                shape = eqn.invars[0].aval.shape
-                most = max(most, int(np.prod([shape[a] for a in eqn.params["axes"]])))
-            for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return most
-
-
 @pytest.mark.parametrize("shape", [(2, 32, 32, 64), (3, 7, 5, 32), (2, 96, 256)])
 def test_group_norm_gradient_of_16_bit_input_is_jaxs_of_the_two_pass_norm(shape):
     """The written-out gradient (`_gn_bwd`: two sums per channel in one pass) is jax's gradient
@@ -359,17 +352,7 @@ def test_group_norm_gradient_of_16_bit_input_is_jaxs_of_the_two_pass_norm(shape)
         return jax.vjp(gn16.apply, params, x)[1](cotangent)
 
     # 64 positions a block; the scale's and bias's gradients add the batch's 2 sums.
-    assert _largest_reduction(pull_back, params, x16, x16) == 64
-
-
-def _row_sums(fn, *args) -> list[int]:
-    """How many elements each reduce_sum of `fn`'s jaxpr (calls in it included) that keeps the
-    last axis adds into one: sums over rows, as a bias's or a norm scale's gradient."""
-    return [
-        int(np.prod([e.invars[0].aval.shape[a] for a in e.params["axes"]]))
-        for e, _ in _equations(fn, *args)
-        if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim - 1 not in e.params["axes"]
-    ]
+    assert max(_sum_sizes(pull_back, params, x16, x16)) == 64
 
 
 @pytest.mark.parametrize("shape", [(8, 16, 96), (2, 77, 64), (3, 5, 7, 32)])
@@ -407,8 +390,9 @@ def test_layer_norm_gradient_of_16_bit_input_is_jaxs(shape):
     def pull_back(params, x, cotangent):
         return jax.vjp(ln16.apply, params, x)[1](cotangent)
 
-    assert max(_row_sums(pull_back, params, x16, x16)) == 64  # 2,048 rows in 32 blocks
-    assert max(_row_sums(pull_back, params, x16.astype(jnp.float32), x16)) == 2048
+    # 2,048 rows in 32 blocks; float32 keeps jax's one sum.
+    assert max(_sum_sizes(pull_back, params, x16, x16, rows=True)) == 64
+    assert max(_sum_sizes(pull_back, params, x16.astype(jnp.float32), x16, rows=True)) == 2048
 
 
 def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
@@ -436,10 +420,10 @@ def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
         want = c.sum((0, 1, 2)) if v.ndim == 1 else c.sum((1, 2))
         err = np.abs(np.asarray(jax.jit(v_gradient)(x, v, cotangent), np.float64) - want)
         assert np.all(err <= FLOAT32_ATOL + BF16_OUTPUT_RTOL * np.abs(want)), err.max()
-        assert max(_row_sums(v_gradient, x, v, cotangent)) == 64
+        assert max(_sum_sizes(v_gradient, x, v, cotangent, rows=True)) == 64
         rows = 8 * 16 * 16 if v.ndim == 1 else 16 * 16
         as32 = (a.astype(jnp.float32) for a in (x, v, cotangent))
-        assert max(_row_sums(v_gradient, *as32)) == rows
+        assert max(_sum_sizes(v_gradient, *as32, rows=True)) == rows
 
     inputs = jnp.asarray(rng.standard_normal((4, 77, 96)), jnp.float32)
     flax_dense = nn.Dense(64)
@@ -466,7 +450,9 @@ def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
         return jax.vjp(ours.apply, params, images)[1](cotangent)[0]["params"]["bias"]
 
     out = jnp.zeros((2, 32, 32, 16), jnp.bfloat16)
-    assert max(_row_sums(bias_gradient, params, images, out)) == 64  # 2 x 1,024 positions
+    assert (
+        max(_sum_sizes(bias_gradient, params, images, out, rows=True)) == 64
+    )  # 2 x 1,024 positions
 
 
 def test_exact_gelu_is_torchs_in_each_dtype():

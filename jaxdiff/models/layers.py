@@ -158,10 +158,11 @@ def _add_last(x):
 
 
 # Sums over positions or rows (`_position_sums`: a group norm's statistics, and the gradients of
-# norm scales and biases) are cut into blocks of rows until there are enough to fill a GPU: XLA:GPU gives a column reduction one block of threads per 128 kept
-# channels and batch row, and an H100 or H200 runs two such blocks (1,024 threads) on each of its
-# 132 multiprocessors at once. A block keeps at least 64 rows, and at most 4,096 (more, and XLA
-# splits the reduction in two kernels itself).
+# norm scales and biases) are cut into blocks of rows until there are enough to fill a GPU:
+# XLA:GPU gives a column reduction one block of threads per 128 kept channels and batch row, and
+# an H100 or H200 runs two such blocks (1,024 threads) on each of its 132 multiprocessors at
+# once. A block keeps at least 64 rows, and at most 4,096 (more, and XLA splits the reduction in
+# two kernels itself).
 _NORM_GRID = 256
 _NORM_MIN_ROWS = 64
 _NORM_MAX_ROWS = 4096
