@@ -125,7 +125,8 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # In a fresh process, where jax's pool may take 95% of the GPU. Its report gives XLA's
         # plan for the step (`memory_bytes`) and the allocator's peak (`device_peak_bytes`), to
         # set against an 80 GB card's 79.6 GiB. Then, in what time is left, SD 1.5's step at
-        # batch 32 with its peer (a compile of about 95 s, as at batch 8).
+        # batch 32 with its peer. Session 17 (H200): sdxl-train took 330 s, and the batch-32 row,
+        # left 85 s, was stopped inside its compile (112 s at batch 8): it needs about 200 s.
         group sdxl-train "$total" 0 --rows sdxl-train --compare
         group sd15-train-b32 "$total" 0 --rows sd15-train-b32 --compare
         ;;

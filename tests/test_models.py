@@ -395,14 +395,18 @@ def test_layer_norm_gradient_of_16_bit_input_is_jaxs(shape):
     assert max(_sum_sizes(pull_back, params, x16.astype(jnp.float32), x16, rows=True)) == 2048
 
 
+def _bias_gradient(layer, params, inputs, cotangent):
+    return jax.vjp(layer.apply, params, inputs)[1](cotangent)[0]["params"]["bias"]
+
+
 def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
     """`add_per_channel` (a bias, or a time embedding per sample) adds v over the other axes;
     v's gradient is the sum of the cotangent over them, for bfloat16 within the rounding of its
     own output, summed in blocks of at most 64 rows; float32 keeps jax's one reduction. jaxdiff's
     Dense and convolution (biases through it) are flax's."""
-    from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL, assert_close
+    from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL
 
-    from jaxdiff.models.layers import Dense, add_per_channel, conv
+    from jaxdiff.models.layers import add_per_channel, conv, dense
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((8, 16, 16, 1280)), jnp.bfloat16)
@@ -425,34 +429,29 @@ def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
         as32 = (a.astype(jnp.float32) for a in (x, v, cotangent))
         assert max(_sum_sizes(v_gradient, *as32, rows=True)) == rows
 
-    inputs = jnp.asarray(rng.standard_normal((4, 77, 96)), jnp.float32)
-    flax_dense = nn.Dense(64)
-    params = flax_dense.init(jax.random.key(1), inputs)
-    params = jax.tree_util.tree_map(lambda p: p + 0.5, params)  # a bias that is not zero
-    assert_close(Dense(64).apply(params, inputs), flax_dense.apply(params, inputs), "Dense")
-
-    # jaxdiff's convolution: flax's, the same parameters, its bias through add_per_channel.
+    # jaxdiff's linear and convolution layers (`dense`, `conv`, as the models build them): flax's,
+    # with the same parameters, their biases through add_per_channel.
+    tokens = jnp.asarray(rng.standard_normal((4, 256, 96)), jnp.bfloat16)
     images = jnp.asarray(rng.standard_normal((2, 32, 32, 8)), jnp.bfloat16)
-    ours = conv(16, 3, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    flax_conv = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16)
-    params = jax.tree_util.tree_map(
-        lambda p: p + 0.5, nn.unbox(ours.init(jax.random.key(2), images))
-    )
-    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
-        flax_conv.init(jax.random.key(2), images)
-    )
-    np.testing.assert_array_equal(
-        np.asarray(ours.apply(params, images), np.float32),
-        np.asarray(flax_conv.apply(params, images), np.float32),
-    )
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    for ours, flax_layer, inputs, rows in [
+        (dense(64, ("embed", "mlp"), **kw), nn.Dense(64, dtype=jnp.bfloat16), tokens, 1024),
+        (conv(16, 3, **kw), nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), **kw), images, 2048),
+    ]:
+        params = nn.unbox(ours.init(jax.random.key(2), inputs))
+        params = jax.tree_util.tree_map(lambda p: p + 0.5, params)  # a bias that is not zero
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+            flax_layer.init(jax.random.key(2), inputs)
+        )
+        out = ours.apply(params, inputs)
+        np.testing.assert_array_equal(
+            np.asarray(out, np.float32), np.asarray(flax_layer.apply(params, inputs), np.float32)
+        )
 
-    def bias_gradient(params, images, cotangent):
-        return jax.vjp(ours.apply, params, images)[1](cotangent)[0]["params"]["bias"]
-
-    out = jnp.zeros((2, 32, 32, 16), jnp.bfloat16)
-    assert (
-        max(_sum_sizes(bias_gradient, params, images, out, rows=True)) == 64
-    )  # 2 x 1,024 positions
+        # Blocks of 64 rows, where flax's own layer sums all its rows at once.
+        for layer, most in ((ours, 64), (flax_layer, rows)):
+            pull = functools.partial(_bias_gradient, layer)
+            assert max(_sum_sizes(pull, params, inputs, out, rows=True)) == most, layer
 
 
 def test_exact_gelu_is_torchs_in_each_dtype():

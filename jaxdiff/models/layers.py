@@ -33,28 +33,24 @@ def _boxed(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
 
+def _add_bias(module, y):
+    """`y` plus the module's bias ("bias", as flax names it) by `add_per_channel`, whose gradient
+    sums over rows in blocks: `Dense` and `Conv`, built with `use_bias=False`, add it so."""
+    if module.use_bias or not module.biased:  # flax's layer added its own, or none
+        return y
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    return add_per_channel(y, bias.astype(y.dtype))
+
+
 class Dense(nn.Dense):
-    """flax's Dense with its bias added by `add_per_channel`, whose gradient sums over rows in
-    blocks (flax's `Dense.__call__` otherwise, parameters and all)."""
+    """flax's Dense, built with `use_bias=False`, its bias (the same parameter) added by
+    `_add_bias` where `biased`. Built with `use_bias=True`, it is flax's Dense as it is."""
+
+    biased: bool = True
 
     @nn.compact
     def __call__(self, inputs):
-        kernel = self.param(
-            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        if self.dot_general_cls is not None:
-            dot_general = self.dot_general_cls()
-        else:
-            dot_general = self.dot_general or jax.lax.dot_general
-        dims = (((inputs.ndim - 1,), (0,)), ((), ()))
-        y = dot_general(inputs, kernel, dims, precision=self.precision)
-        return y if bias is None else add_per_channel(y, bias)
+        return _add_bias(self, super().__call__(inputs))
 
 
 def dense(
@@ -69,7 +65,8 @@ def dense(
     """A Linear layer; `axes` names its kernel's (input, output) dimensions."""
     return Dense(
         features,
-        use_bias=use_bias,
+        use_bias=False,  # `Dense` adds its own
+        biased=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=_boxed(nn.initializers.lecun_normal(), axes),
@@ -79,19 +76,14 @@ def dense(
 
 
 class Conv(nn.Conv):
-    """flax's Conv, built with `use_bias=False`, and its bias (the same parameter, "bias") added
-    by `add_per_channel`, whose gradient sums over positions in blocks (`biased`). Built with
-    `use_bias=True`, it is flax's Conv as it is."""
+    """flax's Conv, built with `use_bias=False`, its bias (the same parameter) added by
+    `_add_bias` where `biased`. Built with `use_bias=True`, it is flax's Conv as it is."""
 
     biased: bool = True
 
     @nn.compact
     def __call__(self, inputs):
-        y = super().__call__(inputs)
-        if self.use_bias or not self.biased:
-            return y
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return add_per_channel(y, bias.astype(y.dtype))
+        return _add_bias(self, super().__call__(inputs))
 
 
 def conv(
@@ -238,7 +230,7 @@ def _gn_bwd(groups, epsilon, residuals, dy):
     dy = dy.astype(jnp.float32).reshape(grouped.shape)
     xhat = (grouped - mean) * rstd
     dy_sum, dy_xhat_sum = _position_sums(dy, dy * xhat)
-    per_group = scale.astype(jnp.float32).reshape(groups, c // groups)
+    per_group = scale.reshape(groups, c // groups)  # float32 (`_affine`)
     dxhat_mean = _add_last(dy_sum * per_group) / n
     dxhat_xhat_mean = _add_last(dy_xhat_sum * per_group) / n
     dx = rstd * (dy * per_group - dxhat_mean - xhat * dxhat_xhat_mean)
@@ -362,12 +354,9 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         scale, bias = _affine(self, c)
         if jnp.dtype(x.dtype).itemsize == 2:
-            return _layer_norm_16(x, scale, bias, self.epsilon).astype(self.dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(axis=-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale + bias
+            y = _layer_norm_16(x, scale, bias, self.epsilon)
+        else:  # the same math, jax's gradient
+            y = _ln_fwd(x, scale, bias, self.epsilon)[0]
         return y.astype(self.dtype)
 
 

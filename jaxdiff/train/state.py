@@ -208,7 +208,7 @@ def _major_axis(x) -> int:
     return x.ndim - 1 if x.ndim == 4 else 0
 
 
-def _reduce_together(tree, elementwise, reduce, small: int, fence_dense: bool = False):
+def _reduce_together(tree, elementwise, reduce, small: int, fence: bool = False):
     """`reduce` of `elementwise` of every element of `tree`, in one final reduction where
     `small` > 0: the leaves of at most `small` elements concatenated (in float32), and each
     larger leaf first reduced to its major axis (`_major_axis`). XLA launches kernels per
@@ -217,9 +217,9 @@ def _reduce_together(tree, elementwise, reduce, small: int, fence_dense: bool = 
     kernels, where its reduction to one axis is one. The axis major in memory makes it a
     reduction along rows: XLA:GPU gives a reduction that keeps the minor axis only a block of
     threads per 128 of it (10 blocks for a 1280 x 1280 dense kernel's columns;
-    docs/benchmarks.md, session 17). `fence_dense`: a dense kernel goes through an
-    optimization barrier first, so that XLA does not fuse its reduction into the kernel that
-    computes it (`all_finite`). With `small` 0 (FSDP), each leaf is reduced on its own, as XLA
+    docs/benchmarks.md, session 17). `fence`: each large leaf goes through an optimization
+    barrier first, so that XLA does not fuse its reduction into the kernel that computes it
+    (`all_finite`). With `small` 0 (FSDP), each leaf is reduced on its own, as XLA
     partitions that best."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not small:
@@ -228,7 +228,7 @@ def _reduce_together(tree, elementwise, reduce, small: int, fence_dense: bool = 
     def to_major_axis(x):
         if x.ndim == 1:
             return elementwise(x)
-        if fence_dense and x.ndim != 4:
+        if fence:
             x = jax.lax.optimization_barrier(x)
         return reduce(elementwise(x), axis=tuple(a for a in range(x.ndim) if a != _major_axis(x)))
 
@@ -253,10 +253,10 @@ def global_norm(tree, small: int = SMALL_LEAF) -> jax.Array:
 
 def all_finite(tree, small: int = SMALL_LEAF) -> jax.Array:
     """Whether every element of `tree` is finite (a bool scalar), reduced as `_reduce_together`
-    says, a dense kernel behind a barrier: in the train step XLA fused its reduction into the
-    update that writes the new weights, which then could not write into the donated state's
-    buffer (198 copies in SD 1.5's step, deviceless; docs/benchmarks.md, session 17)."""
-    return _reduce_together(tree, jnp.isfinite, jnp.all, small, fence_dense=True)
+    says, each large leaf behind a barrier: without, XLA fused the reductions of the train
+    step's dense kernels into the update that writes the new weights, and copied 198 of them
+    into the donated state's buffers (deviceless; docs/benchmarks.md, session 17)."""
+    return _reduce_together(tree, jnp.isfinite, jnp.all, small, fence=True)
 
 
 def clip_by_global_norm(max_norm: float, small: int = SMALL_LEAF) -> optax.GradientTransformation:
