@@ -42,15 +42,20 @@ def _add_bias(module, y):
     return add_per_channel(y, bias.astype(y.dtype))
 
 
-class Dense(nn.Dense):
-    """flax's Dense, built with `use_bias=False`, its bias (the same parameter) added by
-    `_add_bias` where `biased`. Built with `use_bias=True`, it is flax's Dense as it is."""
+class _Biased(nn.Module):
+    """A flax layer (the class after this one in the bases), built with `use_bias=False`, its
+    bias (the same parameter) added by `_add_bias` where `biased`. Built with `use_bias=True`,
+    it is flax's layer as it is."""
 
     biased: bool = True
 
     @nn.compact
     def __call__(self, inputs):
         return _add_bias(self, super().__call__(inputs))
+
+
+class Dense(_Biased, nn.Dense):
+    """flax's Dense, its bias added by `_Biased`."""
 
 
 def dense(
@@ -75,15 +80,8 @@ def dense(
     )
 
 
-class Conv(nn.Conv):
-    """flax's Conv, built with `use_bias=False`, its bias (the same parameter) added by
-    `_add_bias` where `biased`. Built with `use_bias=True`, it is flax's Conv as it is."""
-
-    biased: bool = True
-
-    @nn.compact
-    def __call__(self, inputs):
-        return _add_bias(self, super().__call__(inputs))
+class Conv(_Biased, nn.Conv):
+    """flax's Conv, its bias added by `_Biased`."""
 
 
 def conv(
