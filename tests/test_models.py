@@ -248,14 +248,17 @@ def test_add_last_sums_the_last_axis_at_every_length():
     from jaxdiff.models.layers import _add_axis, _add_last
 
     x = np.random.default_rng(0).standard_normal((3, 41)).astype(np.float32)
-    for size in range(1, 42):
-        got = np.asarray(_add_last(jnp.asarray(x[:, :size])))
-        assert got.shape == (3, 1)
+    sizes = range(1, 42)
+
+    @jax.jit  # every length in one program: one compile, not one per operation and length
+    def sums(x):
+        last = [_add_last(x[:, :size]) for size in sizes]
+        return last, [_add_axis(x[:, :size].T[None], 1) for size in sizes]  # any axis
+
+    for size, got, other in zip(sizes, *sums(jnp.asarray(x)), strict=True):
+        assert got.shape == (3, 1) and other.shape == (1, 1, 3)
         assert_close(got[:, 0], x[:, :size].sum(-1), f"{size} channels")
-    for size in (1, 2, 3, 7, 32, 41):  # any axis, the others kept
-        got = np.asarray(_add_axis(jnp.asarray(x[:, :size].T[None]), 1))
-        assert got.shape == (1, 1, 3)
-        assert_close(got[0, 0], x[:, :size].sum(-1), f"{size} rows")
+        assert_close(other[0, 0], x[:, :size].sum(-1), f"{size} rows")
 
 
 @pytest.mark.parametrize(
