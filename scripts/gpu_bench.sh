@@ -4,7 +4,8 @@
 # One phase per device command, each inside a total of SECONDS; its groups of rows run in priority
 # order, each in its own process, each limited to what is left of SECONDS less what the groups
 # after it are promised. A report is rewritten after every row, so a group stopped at its limit
-# keeps the rows it finished. Reports and logs go to $OUT (at most 8 files come back).
+# keeps the rows it finished. Reports and logs go to $OUT (at most 8 files come back), with XLA's
+# autotuning results (below).
 #
 #   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
 #   bash scripts/gpu_bench.sh train [SECONDS]     # text encoding and the SD 1.5 train step only
@@ -34,7 +35,20 @@ fi
 dry=${GPU_BENCH_DRY:-0}
 OUT=${OUT:-bench-out}
 log="$OUT/$phase.log"
-if [[ "$dry" != 1 ]]; then
+
+# XLA's autotuning results (one file per fusion, the kernels it chose for each product,
+# convolution and fusion), kept from one device session to the next. Most of a compile on the
+# device is autotuning: the SD 1.5 train step compiled in 112 s on an H200 and in 62 s here
+# without a GPU, on 2 cores and without autotuning (docs/benchmarks.md, session 18). The results
+# of earlier runs with the same jaxlib travel in the repository ($autotune_carried); each phase
+# returns its folder as $OUT/xla-autotune.tar.xz, to be saved there. A group with `--cache` (the
+# cold-compile target) gets a folder of its own from jax, so that compile stays cold.
+autotune=/tmp/xla-autotune
+autotune_flag=--xla_gpu_per_fusion_autotune_cache_dir
+autotune_carried=docs/runs/xla-autotune/jaxlib-VERSION.tar.xz
+if [[ "$dry" == 1 ]]; then
+    echo "autotune $autotune_flag=$autotune $autotune_carried" >&2
+else
     mkdir -p "$OUT"
     if compgen -G ".whl/*.whl" > /dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,6 +60,23 @@ if [[ "$dry" != 1 ]]; then
     export PYTHONUNBUFFERED=1
     { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } \
         >> "$log" 2>&1
+    jaxlib=$(python3 -c 'import jaxlib; print(jaxlib.__version__)' 2>> "$log")
+    autotune_carried=${autotune_carried/VERSION/$jaxlib}
+    mkdir -p "$autotune"
+    if [[ -f "$autotune_carried" ]] && ! tar -C "$autotune" -xJf "$autotune_carried" >> "$log" 2>&1
+    then
+        echo "== autotune: cannot unpack $autotune_carried; starting empty" >> "$log"
+        rm -rf "$autotune" && mkdir -p "$autotune"
+    fi
+    # XLA aborts a process at its first compile on a flag it does not know: try it once.
+    if XLA_FLAGS="${XLA_FLAGS:-} $autotune_flag=$autotune" python3 -c 'import jax
+jax.jit(lambda x: x + 1)(1.0).block_until_ready()' >> "$log" 2>&1; then
+        export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$autotune_flag=$autotune"
+        echo "== autotune: jaxlib $jaxlib, $(find "$autotune" -type f | wc -l) results" \
+            "($autotune_carried)" >> "$log"
+    else
+        echo "== autotune: off (XLA refused $autotune_flag)" >> "$log"
+    fi
 fi
 SECONDS=0
 
@@ -160,4 +191,8 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         group xla-nomerge 120 0 --rows sdxl-unet --no-compare --xla-flags nomerge
         ;;
 esac
+if [[ "$dry" != 1 ]] && [[ -n "$(ls -A "$autotune" 2> /dev/null)" ]]; then
+    tar -C "$autotune" -cJf "$OUT/xla-autotune.tar.xz" . 2>> "$log"
+    echo "== autotune: $(find "$autotune" -type f | wc -l) results returned" >> "$log"
+fi
 [[ "$dry" == 1 ]] || tail -n 60 "$log"

@@ -652,6 +652,36 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     assert {bench.ROWS[name].device for name in set(covered) - gpu_rows} <= {"opt-in"}
 
 
+def test_the_gpu_script_keeps_xla_autotuning_results_under_a_flag_xla_parses(tmp_path):
+    """gpu_bench.sh keeps XLA's autotuning results from one device session to the next: a
+    folder set by an XLA flag, filled from the repository's archive for the device's jaxlib.
+    XLA aborts a process on a flag it does not know (the script tries it once on the device and
+    goes on without it), so the flag must parse, and a compile with it work, on this jaxlib."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_bench.sh"
+    out = subprocess.run(
+        ["bash", str(script), "train", "200"],
+        env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("autotune ")]
+    _, setting, archive = line.split()
+    flag, folder = setting.split("=")
+    assert flag == "--xla_gpu_per_fusion_autotune_cache_dir" and folder.startswith("/tmp/")
+    assert archive == "docs/runs/xla-autotune/jaxlib-VERSION.tar.xz"
+    code = "import jax, jax.numpy as jnp; print(jax.jit(lambda x: x + 1)(jnp.ones(2)).sum())"
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flag}={tmp_path}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "4.0", out.stderr[-1000:]
+
+
 def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
     """`--xla-flags` sets go after the user's own XLA_FLAGS, each once; "default" adds none. XLA
     aborts the process at its first compile on a flag it does not know or a value it cannot
