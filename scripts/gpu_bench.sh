@@ -181,12 +181,13 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # against the `profile` phase's timings on the same machine, in priority order: no CUDA
         # graphs (the control, and a test of the 1.7-3.5 ms a call costs beyond the device's
         # span), cuBLAS for every product with the latency-hiding scheduler, a call's cost per
-        # parameter array with laid-out kernels (`dispatch`); then the two sets session 14
-        # measured and did not keep (convolutions in CUDA graphs for SD 1.5; no merged matrix
-        # products for SDXL), as re-checks. Session 14: about 55 s a sd15-unet group on an H200.
+        # parameter array with laid-out kernels and per array of a train state (`dispatch`);
+        # then the two sets session 14 measured and did not keep (convolutions in CUDA graphs
+        # for SD 1.5; no merged matrix products for SDXL), as re-checks. Session 14: about 55 s
+        # a sd15-unet group on an H200.
         group xla-nographs 80 0 --rows sd15-unet --no-compare --xla-flags nographs
         group xla-gpu 80 0 --rows sd15-unet --no-compare --xla-flags gpu
-        group dispatch 45 0 --rows dispatch --runs 50 --warmup 5
+        group dispatch 70 0 --rows dispatch --runs 50 --warmup 5
         group xla-graphs 80 0 --rows sd15-unet --no-compare --xla-flags graphs
         group xla-nomerge 120 0 --rows sdxl-unet --no-compare --xla-flags nomerge
         ;;

@@ -891,6 +891,7 @@ def test_the_dispatch_row_passes_each_unet_parameter_array(monkeypatch):
     from jaxdiff.bench.rows import dispatch_micro
     from jaxdiff.models.build import abstract_params
     from jaxdiff.models.presets import PRESETS
+    from jaxdiff.train.state import SMALL_LEAF
 
     seen = []
     measure = bench.rows.measure_jax
@@ -904,22 +905,34 @@ def test_the_dispatch_row_passes_each_unet_parameter_array(monkeypatch):
     abstract = abstract_params(PRESETS["tiny"].unet)
     n = len(jax.tree_util.tree_leaves(abstract))
     kernels = sum(a.ndim == 4 for a in jax.tree_util.tree_leaves(abstract))
-    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1, n, n]
+    small = sum(a.size <= SMALL_LEAF for a in jax.tree_util.tree_leaves(abstract))
+    packed = n + 3 * (n - small + 1)
+    assert 0 < small < n
+    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1, n, n, 4 * n, packed]
     assert [r.case for r in results] == [
         f"tiny unet: {n} arrays, a call",
         f"tiny unet: {n} values in 1 array",
         f"tiny unet: its tree of {n}, a call",
         f"tiny unet: its tree of {n}, {kernels} in the GPU's kernel layout, a call",
+        f"tiny train state: {4 * n} arrays updated, donated, a call",
+        f"tiny train state: {packed} arrays updated, donated, the small leaves of 3 in one array"
+        f" each ({small}), a call",
     ]
+    # The train state's cases: the weights one array each; the EMA's and moments' small leaves
+    # in one array each, holding all of them.
+    for (state,), pack in zip(seen[4:], (False, True), strict=True):
+        assert list(state) == ["params", "ema", "mu", "nu"] and len(state["params"]) == n
+        sizes = [sum(a.size for a in state[k]) for k in ("ema", "mu", "nu")]
+        assert sizes == [n] * 3 and (len(state["ema"]) == n - small + 1) == pack
     # A flat list; then the UNet's own tree (nested dicts), as the UNet rows pass it.
     assert isinstance(seen[0][0], list)
-    for (tree,) in seen[2:]:
+    for (tree,) in seen[2:4]:
         paths = jax.tree_util.tree_flatten_with_path(tree)[0]
         assert {jax.tree_util.keystr(k) for k, _ in paths} == {
             jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
         }
     orders = [
-        [a.format.layout.major_to_minor for a in jax.tree_util.tree_leaves(t[0])] for t in seen[2:]
+        [a.format.layout.major_to_minor for a in jax.tree_util.tree_leaves(t[0])] for t in seen[2:4]
     ]
     assert orders[0].count((3, 0, 1, 2)) == 0
     assert orders[1].count((3, 0, 1, 2)) == kernels > 0
