@@ -41,11 +41,12 @@ log="$OUT/$phase.log"
 # device is autotuning: the SD 1.5 train step compiled in 112 s on an H200 and in 62 s here
 # without a GPU, on 2 cores and without autotuning (docs/benchmarks.md, session 18). The results
 # of earlier runs with the same jaxlib travel in the repository ($autotune_carried); each phase
-# returns its folder as $OUT/xla-autotune.tar.xz, to be saved there. A group with `--cache` (the
-# cold-compile target) gets a folder of its own from jax, so that compile stays cold.
+# returns its folder as $OUT/xla-autotune.tar.xz, to be saved there. The cold-compile target's
+# group runs without it (`cold`), so that compile stays cold.
 autotune=/tmp/xla-autotune
 autotune_flag=--xla_gpu_per_fusion_autotune_cache_dir
 autotune_carried=docs/runs/xla-autotune/jaxlib-VERSION.tar.xz
+cold=${XLA_FLAGS:-}  # XLA_FLAGS without the autotuning folder
 if [[ "$dry" == 1 ]]; then
     echo "autotune $autotune_flag=$autotune $autotune_carried" >&2
 else
@@ -131,7 +132,7 @@ case "$phase" in
         # target), then SDXL's UNet (the slowest to draw and compile), then text encoding and the
         # train step. Sized from session 11's run on an H200: 75 s, 15 s and 102 s for the first
         # group's rows, 35 s for the warm run, 95 s for SDXL's.
-        group targets 240 300 --rows sd15-unet vae-decode sd15-txt2img \
+        XLA_FLAGS=$cold group targets 240 300 --rows sd15-unet vae-decode sd15-txt2img \
             --compare --cache /tmp/xla-cache
         if [[ "$dry" == 1 ]] || python3 -c 'import json, sys
 results = json.load(open(sys.argv[1]))["results"]
