@@ -49,6 +49,7 @@ autotune_carried=docs/runs/xla-autotune/jaxlib-VERSION.tar.xz
 cold=${XLA_FLAGS:-}  # XLA_FLAGS without the autotuning folder
 if [[ "$dry" == 1 ]]; then
     echo "autotune $autotune_flag=$autotune $autotune_carried" >&2
+    export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$autotune_flag=$autotune"
 else
     mkdir -p "$OUT"
     if compgen -G ".whl/*.whl" > /dev/null; then
@@ -91,6 +92,7 @@ group() {
     ((limit > cap)) && limit=$cap
     if [[ "$dry" == 1 ]]; then
         echo "$name $limit scripts/benchmark.py --json $OUT/$name.json $*"
+        [[ "${XLA_FLAGS:-}" == *"$autotune_flag"* ]] && echo "$name autotunes from $autotune" >&2
         return
     fi
     if ((limit < 30)); then

@@ -674,6 +674,19 @@ def test_the_gpu_script_keeps_xla_autotuning_results_under_a_flag_xla_parses(tmp
     flag, folder = setting.split("=")
     assert flag == "--xla_gpu_per_fusion_autotune_cache_dir" and folder.startswith("/tmp/")
     assert archive == "docs/runs/xla-autotune/jaxlib-VERSION.tar.xz"
+    # Every group autotunes from the folder but the cold-compile target's.
+    out = subprocess.run(
+        ["bash", str(script), "targets", "540"],
+        env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    groups = [line.split()[0] for line in out.stdout.splitlines()]
+    tuned = [
+        x.split()[0] for x in out.stderr.splitlines() if x.endswith(f"autotunes from {folder}")
+    ]
+    assert groups[0] == "targets" and tuned == groups[1:] and len(tuned) >= 3
     code = "import jax, jax.numpy as jnp; print(jax.jit(lambda x: x + 1)(jnp.ones(2)).sum())"
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flag}={tmp_path}"}
     out = subprocess.run(
