@@ -10,6 +10,7 @@
 #   bash scripts/gpu_bench.sh targets [SECONDS]   # the timed targets and their diffusers peers
 #   bash scripts/gpu_bench.sh train [SECONDS]     # text encoding and the SD 1.5 train step only
 #   bash scripts/gpu_bench.sh memory [SECONDS]    # SDXL training with remat; SD 1.5's at b32
+#   bash scripts/gpu_bench.sh train32 [SECONDS]   # SD 1.5's train step at b32 only
 #   bash scripts/gpu_bench.sh maxbatch [SECONDS]  # the largest SD 1.5 and SDXL sampling batches
 #   bash scripts/gpu_bench.sh profile [SECONDS]   # the UNet steps with their peers, and traces
 #   bash scripts/gpu_bench.sh flags [SECONDS]     # XLA flag candidates, a call's dispatch cost
@@ -21,10 +22,10 @@ set -u
 phase=${1:-targets}
 total=${2:-540}
 case "$phase" in
-    targets | train | memory | maxbatch | profile | flags) ;;
+    targets | train | memory | train32 | maxbatch | profile | flags) ;;
     *)
-        echo "gpu_bench.sh: unknown phase '$phase' (targets, train, memory, maxbatch, profile" \
-            "or flags)" >&2
+        echo "gpu_bench.sh: unknown phase '$phase' (targets, train, memory, train32, maxbatch," \
+            "profile or flags)" >&2
         exit 2
         ;;
 esac
@@ -162,6 +163,13 @@ sys.exit(not any(r["row"] == "sd15-txt2img" for r in results))' "$OUT/targets.js
         # batch 32 with its peer. Session 17 (H200): sdxl-train took 330 s, and the batch-32 row,
         # left 85 s, was stopped inside its compile (112 s at batch 8): it needs about 200 s.
         group sdxl-train "$total" 0 --rows sdxl-train --compare
+        group sd15-train-b32 "$total" 0 --rows sd15-train-b32 --compare
+        ;;
+    train32)
+        # SD 1.5's train step at batch 32 with its peer, on its own: images/s where the step's
+        # fixed costs (AdamW and the EMA over 860 M weights) are shared by 4x the images of the
+        # `train` phase's batch 8, whose device span (77 ms, session 17) caps it at about 104
+        # images/s. About 200 s without autotuning results (session 17 stopped it compiling).
         group sd15-train-b32 "$total" 0 --rows sd15-train-b32 --compare
         ;;
     maxbatch)

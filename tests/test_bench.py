@@ -626,6 +626,7 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
         ("targets", 540),
         ("train", 200),
         ("memory", 240),
+        ("train32", 300),
         ("maxbatch", 420),
         ("profile", 240),
         ("flags", 300),
