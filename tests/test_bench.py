@@ -610,15 +610,27 @@ def test_python_m_jaxdiff_cli_reports_bad_input_in_one_line():
     ]
 
 
+def _gpu_bench_dry(phase: str, total: int):
+    """scripts/gpu_bench.sh's dry run of `phase`: each group's command on stdout."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_bench.sh"
+    return subprocess.run(
+        ["bash", str(script), phase, str(total)],
+        env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
 def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
     """scripts/gpu_bench.sh is only ever run on the lent GPU, where a misspelt row or flag would
     cost device time: its dry run lists each group's command, which must parse, name known rows,
     cover every `gpu` row between its phases, and stay inside the phase's seconds."""
     import shlex
-    import subprocess
-    from pathlib import Path
 
-    script = Path(__file__).parents[1] / "scripts" / "gpu_bench.sh"
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     covered = []
@@ -632,13 +644,7 @@ def test_the_gpu_script_runs_every_gpu_row_with_flags_the_benchmark_takes():
         ("flags", 300),
     )
     for phase, total in phases:
-        out = subprocess.run(
-            ["bash", str(script), phase, str(total)],
-            env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        out = _gpu_bench_dry(phase, total)
         lines = out.stdout.strip().splitlines()
         assert lines, out.stderr
         for line in lines:
@@ -660,29 +666,15 @@ def test_the_gpu_script_keeps_xla_autotuning_results_under_a_flag_xla_parses(tmp
     goes on without it), so the flag must parse, and a compile with it work, on this jaxlib."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).parents[1] / "scripts" / "gpu_bench.sh"
-    out = subprocess.run(
-        ["bash", str(script), "train", "200"],
-        env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _gpu_bench_dry("train", 200)
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("autotune ")]
     _, setting, archive = line.split()
     flag, folder = setting.split("=")
     assert flag == "--xla_gpu_per_fusion_autotune_cache_dir" and folder.startswith("/tmp/")
     assert archive == "docs/runs/xla-autotune/jaxlib-VERSION.tar.xz"
     # Every group autotunes from the folder but the cold-compile target's.
-    out = subprocess.run(
-        ["bash", str(script), "targets", "540"],
-        env={"GPU_BENCH_DRY": "1", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _gpu_bench_dry("targets", 540)
     groups = [line.split()[0] for line in out.stdout.splitlines()]
     tuned = [
         x.split()[0] for x in out.stderr.splitlines() if x.endswith(f"autotunes from {folder}")
