@@ -456,6 +456,30 @@ def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
             pull = functools.partial(_bias_gradient, layer)
             assert max(_sum_sizes(pull, params, inputs, out, rows=True)) == most, layer
 
+    # In float32 (the CPU's compute dtype, the parity tests') the addition is jax's own:
+    # forward-mode derivatives go through the layers as through flax's.
+    from tolerances import assert_close
+
+    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    for ours, flax_layer, inputs in [
+        (dense(64, ("embed", "mlp"), **kw), nn.Dense(64), tokens),
+        (conv(16, 3, **kw), nn.Conv(16, (3, 3), padding=((1, 1), (1, 1))), images),
+    ]:
+        inputs = inputs.astype(jnp.float32)
+        params = jax.tree_util.tree_map(
+            lambda p: p + 0.5, nn.unbox(ours.init(jax.random.key(2), inputs))
+        )
+        tangent = jnp.asarray(rng.standard_normal(inputs.shape), jnp.float32)
+        got, want = (
+            jax.jvp(functools.partial(layer.apply, params), (inputs,), (tangent,))
+            for layer in (ours, flax_layer)
+        )
+        assert_close(got[0], want[0], "float32 output")
+        assert_close(got[1], want[1], "float32 forward-mode derivative")
+    x32, v32 = x[:2].astype(jnp.float32), jnp.ones((2, 1280), jnp.float32)
+    _, tangent = jax.jvp(add_per_channel, (x32, v32), (x32, v32))
+    assert_close(tangent, x32 + v32[:, None, None, :], "add_per_channel's tangent")
+
 
 def test_exact_gelu_is_torchs_in_each_dtype():
     """`layers.gelu` is torch's exact GELU: in float32 within the parity tolerance; in bfloat16

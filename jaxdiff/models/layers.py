@@ -240,33 +240,43 @@ def _gn_bwd(groups, epsilon, residuals, dy):
 _group_norm_one_pass.defvjp(_gn_fwd, _gn_bwd)
 
 
-@jax.custom_vjp
+def _is_16_bit(x) -> bool:
+    """Whether `x` is float16 or bfloat16: the GPU's compute dtypes, where the norms and sums
+    below take their blocked paths; float32 (the CPU's, the parity tests') keeps jax's."""
+    return jnp.dtype(x.dtype).itemsize == 2
+
+
 def add_per_channel(x, v):
     """x [B, ..., C] plus v, one value per channel ([C]) or per sample and channel ([B, C]),
-    broadcast over the other axes. Its gradient for v sums over those, for a 16-bit x in
-    blocks of rows (`_position_sums`), where jax's is one reduction that XLA:GPU runs as a block
-    of threads per 128 channels (and batch row) for up to 4,096 rows: a bias's gradient over SD
+    broadcast over the other axes. For a 16-bit x its gradient for v sums over those in blocks
+    of rows (`_position_sums`), where jax's is one reduction that XLA:GPU runs as a block of
+    threads per 128 channels (and batch row) for up to 4,096 rows: a bias's gradient over SD
     1.5's 16x16 level at batch 8 (2,048 rows, 1,280 channels) had 10 (docs/benchmarks.md,
-    session 17)."""
+    session 17). Otherwise it is the plain addition, jax's gradient (and forward-mode too)."""
+    return _add_per_channel_16(x, v) if _is_16_bit(x) else _broadcast_add(x, v)
+
+
+def _broadcast_add(x, v):
     return x + v.reshape(v.shape[:-1] + (1,) * (x.ndim - v.ndim) + v.shape[-1:])
 
 
+@jax.custom_vjp
+def _add_per_channel_16(x, v):
+    return _broadcast_add(x, v)
+
+
 def _add_per_channel_fwd(x, v):
-    return add_per_channel(x, v), v
+    return _broadcast_add(x, v), v
 
 
 def _add_per_channel_bwd(v, dy):
     c = dy.shape[-1]
     b = v.shape[0] if v.ndim == 2 else 1
-    rows = dy.reshape(b, -1, 1, c)
-    if jnp.dtype(dy.dtype).itemsize == 2:  # as on a GPU; float32 keeps jax's reduction
-        (sums,) = _position_sums(rows.astype(jnp.float32))
-    else:
-        sums = rows.sum(axis=1)
+    (sums,) = _position_sums(dy.reshape(b, -1, 1, c).astype(jnp.float32))
     return dy, sums.reshape(v.shape).astype(v.dtype)
 
 
-add_per_channel.defvjp(_add_per_channel_fwd, _add_per_channel_bwd)
+_add_per_channel_16.defvjp(_add_per_channel_fwd, _add_per_channel_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -328,7 +338,7 @@ class GroupNorm(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         scale, bias = _affine(self, c)
-        if jnp.dtype(x.dtype).itemsize == 2:
+        if _is_16_bit(x):
             y = _group_norm_one_pass(x, scale, bias, self.num_groups, self.epsilon)
             return y.astype(self.dtype)
         grouped = x.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
@@ -351,7 +361,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         scale, bias = _affine(self, c)
-        if jnp.dtype(x.dtype).itemsize == 2:
+        if _is_16_bit(x):
             y = _layer_norm_16(x, scale, bias, self.epsilon)
         else:  # the same math, jax's gradient
             y = _ln_fwd(x, scale, bias, self.epsilon)[0]
