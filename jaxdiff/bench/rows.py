@@ -737,12 +737,13 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
         return new, new["params"][0]
 
     def state_case(packed: bool):
-        arrays = len(jax.tree_util.tree_leaves(state(packed)))
+        trees = state(packed)
+        arrays = len(jax.tree_util.tree_leaves(trees))
         what = f", the small leaves of 3 in one array each ({len(small)})" if packed else ""
         return measure_jax(
             ctx,
             update,
-            (state(packed),),
+            (trees,),
             row=row,
             case=f"{preset} train state: {arrays} arrays updated, donated{what}, a call",
             donate_argnums=(0,),
