@@ -405,8 +405,9 @@ def _bias_gradient(layer, params, inputs, cotangent):
 def test_add_per_channel_sums_its_gradient_in_blocks_for_16_bit_input():
     """`add_per_channel` (a bias, or a time embedding per sample) adds v over the other axes;
     v's gradient is the sum of the cotangent over them, for bfloat16 within the rounding of its
-    own output, summed in blocks of at most 64 rows; float32 keeps jax's one reduction. jaxdiff's
-    Dense and convolution (biases through it) are flax's."""
+    own output, summed in blocks of at most 64 rows; float32 is jax's plain addition (its one
+    reduction, and forward-mode derivatives). jaxdiff's Dense and convolution (biases through
+    it) are flax's."""
     from tolerances import BF16_OUTPUT_RTOL, FLOAT32_ATOL
 
     from jaxdiff.models.layers import add_per_channel, conv, dense
