@@ -806,6 +806,11 @@ def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkey
         t = line["timeline"]
         assert 0 < t["busy_ms"] <= min(t["span_ms"], line["total_ms"]) + 1e-6
         assert sum(t["gaps_ms"]) == pytest.approx(t["span_ms"] - t["busy_ms"], abs=1e-6)
+    # The host's side of each call: every call found, its events' self times adding up to it.
+    host = profile.summarize(folder / name, top=1000)["host_calls"]
+    assert host["calls"] == profile.PROFILE_CALLS and host["call_ms"] > 0
+    assert sum(e["per_call_ms"] for e in host["self"]) == pytest.approx(host["call_ms"], rel=1e-6)
+    assert any(e["name"].startswith("PjitFunction") for e in host["self"]), host["self"]
     script = Path(__file__).parents[1] / "scripts" / "profile_summary.py"
     out = subprocess.run(
         [sys.executable, str(script), str(folder / name), "--top", "3"],
@@ -813,6 +818,7 @@ def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkey
         text=True,
     )
     assert out.returncode == 0 and "/host:CPU |" in out.stdout, out.stderr
+    assert f"{profile.PROFILE_CALLS} traced calls" in out.stdout, out.stdout
 
 
 def test_a_timeline_counts_overlapping_events_once_and_finds_the_gaps():
@@ -828,6 +834,74 @@ def test_a_timeline_counts_overlapping_events_once_and_finds_the_gaps():
     assert t["gaps_ms"] == pytest.approx([4.0, 1.0])
     assert timeline([]) == {"span_ms": 0.0, "busy_ms": 0.0, "gaps_ms": []}
     assert timeline([(5, 7)]) == {"span_ms": 2e-6, "busy_ms": 2e-6, "gaps_ms": []}
+
+
+def test_self_times_split_each_traced_call_among_the_events_inside_it():
+    """Events nest on a host thread: an event's self time is its duration less its direct
+    children's, so a call's events add up to the call. Events outside the calls (the profiler's
+    own frames) count nowhere; numbered names add up under one (`host_calls`)."""
+    from jaxdiff.bench.profile import CALL_ANNOTATION, self_times
+
+    call = CALL_ANNOTATION
+    events = [
+        ("stop_trace", 100, 50),  # after the calls: not counted
+        (call, 0, 40),
+        ("PjitFunction", 2, 30),  # self 30 - 20 - 5 = 5
+        ("Execute", 5, 20),  # self 20 - 4 - 6 = 10
+        ("command_buffer_7", 6, 4),
+        ("command_buffer_12", 12, 6),
+        ("ParseArguments", 26, 5),
+        (call, 50, 10),
+        ("PjitFunction", 51, 8),
+    ]
+    calls, totals = self_times(events)
+    assert calls == [(0, 40), (50, 60)]
+    assert totals == {
+        call: [10 + 2, 2],
+        "PjitFunction": [5 + 8, 2],
+        "Execute": [10, 1],
+        "command_buffer_7": [4, 1],
+        "command_buffer_12": [6, 1],
+        "ParseArguments": [5, 1],
+    }
+    assert sum(own for own, _ in totals.values()) == 40 + 10
+    # A trace from before the annotation: the harness's call frame is each call.
+    old = [("$harness.py:378 call", 0, 10), ("PjitFunction", 1, 8), ("$profiler.py:271", 20, 5)]
+    assert self_times(old) == ([(0, 10)], {"$harness.py:378 call": [2, 1], "PjitFunction": [8, 1]})
+    assert self_times([("PjitFunction", 1, 8)]) == ([], {})
+
+
+def test_host_calls_add_up_numbered_names_per_call():
+    from types import SimpleNamespace
+
+    from jaxdiff.bench.profile import CALL_ANNOTATION, host_calls
+
+    def line(name, events):
+        return SimpleNamespace(
+            name=name,
+            events=[SimpleNamespace(name=n, start_ns=s, duration_ns=d) for n, s, d in events],
+        )
+
+    ms = 1_000_000
+    events = []
+    for i in range(2):
+        t = 100 * ms * i
+        events += [
+            (CALL_ANNOTATION, t, 20 * ms),
+            ("cuGraphLaunch (CudaGraph:1806)", t + 1 * ms, 6 * ms),
+            ("cuGraphLaunch (CudaGraph:11)", t + 8 * ms, 2 * ms),
+            ("cudnn-conv-bw-filter.5", t + 11 * ms, 1 * ms),
+            ("cudnn-conv-bw-filter.17", t + 13 * ms, 3 * ms),
+        ]
+    plane = SimpleNamespace(lines=[line("an idle thread", []), line("python3", events)])
+    host = host_calls(plane)
+    assert (host["line"], host["calls"], host["call_ms"]) == ("python3", 2, pytest.approx(20.0))
+    assert [(e["name"], e["per_call_ms"], e["per_call"]) for e in host["self"]] == [
+        ("cuGraphLaunch (CudaGraph:*)", pytest.approx(8.0), 2),
+        (CALL_ANNOTATION, pytest.approx(8.0), 1),
+        ("cudnn-conv-bw-filter.*", pytest.approx(4.0), 2),
+    ]
+    assert host_calls(SimpleNamespace(lines=[line("python3", events[1:3])])) is None
 
 
 def test_per_call_cuts_a_trace_at_its_largest_gaps():

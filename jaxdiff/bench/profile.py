@@ -7,7 +7,9 @@ profile plugin and Perfetto's converters read). `summarize` reads one back with
 (the host's on the CPU), its events, their total time, and the costliest names. Nested events
 (the host's Python frames) count at each level; `timeline` says how much of the line's span its
 events cover and where the gaps are (on a GPU stream: launch latency, and the host's work
-between calls). It is how a device session's few minutes turn into a breakdown to work from here.
+between calls); `host_calls` splits each traced call's time on the host's thread among what ran
+in it (jax's dispatch, the runtime's, the kernels' launches, the wait). It is how a device
+session's few minutes turn into a breakdown to work from here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from collections import defaultdict
 from pathlib import Path
 
 PROFILE_CALLS = 3
+
+# The name of the annotation around each traced call on the host's Python thread (`trace_calls`):
+# the roots of `host_calls`. Traces written before it (session 17's) have the harness's own
+# frame there, `$harness.py:<line> call`, which `host_calls` takes in its place.
+CALL_ANNOTATION = "jaxdiff traced call"
+_HARNESS_CALL = re.compile(r"^\$harness\.py:\d+ call$")
+# A thunk's, kernel's or CUDA graph's number: `host_calls` adds up, say, every
+# `command_buffer_<n>` (one CUDA graph's launch) or `cudnn-conv-bw-filter.<n>` under one name.
+_NUMBERED = re.compile(r"(?<=[A-Za-z][._])\d+$|(?<=CudaGraph:)\d+(?=\)$)")
 
 
 def trace_name(row: str, case: str) -> str:
@@ -34,7 +45,8 @@ def trace_calls(call, folder: str | Path, name: str, calls: int = PROFILE_CALLS)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             for _ in range(calls):
-                call()
+                with jax.profiler.TraceAnnotation(CALL_ANNOTATION):
+                    call()
         found = sorted(Path(tmp).rglob("*.xplane.pb"))
         if not found:
             return None
@@ -108,6 +120,75 @@ KERNEL_KINDS = (
 )
 
 
+def self_times(events) -> tuple[list, dict]:
+    """The traced calls on one host line and where their time goes: (the calls' (start_ns,
+    end_ns), {name: [self ns, count]}) over every event inside a call. An event's self time is its
+    duration less its direct children's (events nest on a thread), so the self times of a call's
+    events add up to the call's duration.
+
+    events: (name, start_ns, duration_ns). A call is an event named `CALL_ANNOTATION`, or, where
+    there is none, the harness's call frame."""
+    ordered = sorted(events, key=lambda e: (e[1], -e[2]))
+    is_call = [name == CALL_ANNOTATION for name, _, _ in ordered]
+    if not any(is_call):
+        is_call = [bool(_HARNESS_CALL.match(name)) for name, _, _ in ordered]
+    calls, totals = [], defaultdict(lambda: [0, 0])
+    stack = []  # open events inside a call: [end_ns, name, self_ns]
+    call_end = None
+    for (name, start, duration), root in zip(ordered, is_call, strict=True):
+        end = start + duration
+        while stack and start >= stack[-1][0]:
+            _, done, own = stack.pop()
+            totals[done][0] += own
+            totals[done][1] += 1
+        if call_end is not None and start >= call_end and not stack:
+            call_end = None
+        if root and call_end is None:
+            calls.append((start, end))
+            call_end = end
+        elif call_end is None or end > call_end:
+            continue  # outside any call (the profiler's own frames), or crossing its end
+        if stack:
+            stack[-1][2] -= duration
+        stack.append([end, name, duration])
+    for _, done, own in stack:
+        totals[done][0] += own
+        totals[done][1] += 1
+    return calls, dict(totals)
+
+
+def host_calls(plane, top: int = 15) -> dict | None:
+    """Per traced call, what the host's thread that made the calls did: the calls' mean duration
+    and the `top` names by self time (`self_times`), per call, in ms, numbered names together
+    (`command_buffer_*`: every CUDA graph's launch). On a GPU, the host's side
+    of each call: jax's dispatch (`PjitFunction`: the arguments and results, array by array),
+    the runtime's (the buffers, donation), the kernels' launches (`ExecuteThunks`: CUDA graphs
+    and the kernels outside them) and the wait. None where no line of `plane` holds a call."""
+    for line in plane.lines:
+        events = [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+        calls, totals = self_times(events)
+        if not calls:
+            continue
+        n = len(calls)
+        grouped = defaultdict(lambda: [0, 0])
+        for name, (own, count) in totals.items():
+            group = grouped[_NUMBERED.sub("*", name)]
+            group[0] += own
+            group[1] += count
+        totals = grouped
+        names = sorted(totals, key=lambda k: totals[k][0], reverse=True)[:top]
+        return {
+            "line": line.name,
+            "calls": n,
+            "call_ms": sum(e - s for s, e in calls) / n / 1e6,
+            "self": [
+                {"name": k, "per_call_ms": totals[k][0] / n / 1e6, "per_call": totals[k][1] / n}
+                for k in names
+            ],
+        }
+    return None
+
+
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
     for kind, keys in KERNEL_KINDS:
@@ -126,7 +207,10 @@ def summarize(path: str | Path, top: int = 15) -> dict:
     data = ProfileData.from_file(str(path))
     planes = [p for p in data.planes if p.name.startswith("/device:")]
     planes = planes or [p for p in data.planes if p.name.startswith("/host:")]
-    out = {"file": str(path), "planes": []}
+    out = {"file": str(path), "planes": [], "host_calls": None}
+    for plane in data.planes:
+        if plane.name == "/host:CPU" and out["host_calls"] is None:
+            out["host_calls"] = host_calls(plane, top)
     for plane in planes:
         lines = []
         for line in plane.lines:
@@ -176,6 +260,14 @@ def summarize(path: str | Path, top: int = 15) -> dict:
 def format_summary(summary: dict) -> str:
     """The summary as plain text, one block per line of a plane."""
     text = [summary["file"]]
+    host = summary.get("host_calls")
+    if host:
+        text.append(
+            f"\nhost | {host['line']}: {host['calls']} traced calls, {host['call_ms']:.3f} ms a "
+            "call; self time a call (an event's own, less the events inside it):"
+        )
+        for e in host["self"]:
+            text.append(f"  {e['per_call_ms']:10.3f} ms x{e['per_call']:<7g} {e['name'][:100]}")
     for plane in summary["planes"]:
         for line in plane["lines"]:
             text.append(
