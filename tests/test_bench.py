@@ -988,7 +988,8 @@ def test_the_dispatch_row_passes_each_unet_parameter_array(monkeypatch):
     small = sum(a.size <= SMALL_LEAF for a in jax.tree_util.tree_leaves(abstract))
     packed = n + 3 * (n - small + 1)
     assert 0 < small < n
-    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == [n, 1, n, n, 4 * n, packed]
+    lengths = [n, 1, n, n, 4 * n, packed, n + 3]
+    assert [len(jax.tree_util.tree_leaves(a)) for a in seen] == lengths
     assert [r.case for r in results] == [
         f"tiny unet: {n} arrays, a call",
         f"tiny unet: {n} values in 1 array",
@@ -997,13 +998,14 @@ def test_the_dispatch_row_passes_each_unet_parameter_array(monkeypatch):
         f"tiny train state: {4 * n} arrays updated, donated, a call",
         f"tiny train state: {packed} arrays updated, donated, the small leaves of 3 in one array"
         f" each ({small}), a call",
+        f"tiny train state: {n + 3} arrays updated, donated, 3 of them one array each, a call",
     ]
-    # The train state's cases: the weights one array each; the EMA's and moments' small leaves
-    # in one array each, holding all of them.
-    for (state,), pack in zip(seen[4:], (False, True), strict=True):
+    # The train state's cases: the weights one array each; the EMA's and moments' leaves one
+    # array each, their small leaves in one array, or all of them in one, holding all of them.
+    for (state,), arrays in zip(seen[4:], (n, n - small + 1, 1), strict=True):
         assert list(state) == ["params", "ema", "mu", "nu"] and len(state["params"]) == n
         sizes = [sum(a.size for a in state[k]) for k in ("ema", "mu", "nu")]
-        assert sizes == [n] * 3 and (len(state["ema"]) == n - small + 1) == pack
+        assert sizes == [n] * 3 and [len(state[k]) for k in ("ema", "mu", "nu")] == [arrays] * 3
     # A flat list; then the UNet's own tree (nested dicts), as the UNet rows pass it.
     assert isinstance(seen[0][0], list)
     for (tree,) in seen[2:4]:

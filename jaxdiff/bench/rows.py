@@ -690,12 +690,14 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
     one's layout on every call.
 
     Then a train step's state: the weights, their EMA and two Adam moments (four arrays a
-    parameter), each updated and handed back, donated, as the train step does; and the same
-    with each of the EMA's and moments' small leaves (at most `SMALL_LEAF` elements: biases,
-    norm scales) in one array per tree, a candidate layout. SD 1.5's train step took 104.5 ms
-    on an H200 each step waited for, 85.6 back to back, against 77.2 ms of device time
-    (session 17); on this CPU a program that updates 2,744 one-element arrays took 11 ms a
-    call, 686 of them 2.2 ms (session 18): what a call pays per array it hands back."""
+    parameter), each updated and handed back, donated, as the train step does; the same with
+    each of the EMA's and moments' small leaves (at most `SMALL_LEAF` elements: biases, norm
+    scales) in one array per tree; and with the EMA and each moment one array (689 arrays for
+    SD 1.5): candidate layouts. SD 1.5's train step took 104.5 ms on an H200 each step waited
+    for, 85.6 back to back, against 77.2 ms of device time (session 17), and its traced calls
+    spent about 40 ms each on the host in jax's and the runtime's work array by array (session
+    19); on this CPU a program that updates 2,744 one-element arrays took 11 ms a call, 686 of
+    them 2.2 ms (session 18): what a call pays per array it hands back."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -724,22 +726,28 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
 
     small = {i for i, a in enumerate(jax.tree_util.tree_leaves(abstract)) if a.size <= SMALL_LEAF}
 
-    def state(packed: bool):
+    def state(packed: str):
         trees = {name: [jnp.full((1,), i, jnp.float32) for i in range(n)] for name in _MOMENTS}
-        if packed:  # the weights stay one array each: the model's operands
-            for name in _MOMENTS[1:]:
+        for name in _MOMENTS[1:]:  # the weights stay one array each: the model's operands
+            if packed == "small":
                 large = [a for i, a in enumerate(trees[name]) if i not in small]
                 trees[name] = [*large, jnp.zeros((len(small),), jnp.float32)]
+            elif packed == "all":
+                trees[name] = [jnp.zeros((n,), jnp.float32)]
         return trees
 
     def update(state):
         new = jax.tree_util.tree_map(lambda a: a + 1, state)
         return new, new["params"][0]
 
-    def state_case(packed: bool):
+    def state_case(packed: str):
         trees = state(packed)
         arrays = len(jax.tree_util.tree_leaves(trees))
-        what = f", the small leaves of 3 in one array each ({len(small)})" if packed else ""
+        what = {
+            "none": "",
+            "small": f", the small leaves of 3 in one array each ({len(small)})",
+            "all": ", 3 of them one array each",
+        }[packed]
         return measure_jax(
             ctx,
             update,
@@ -763,8 +771,9 @@ def dispatch_micro(ctx: Context, row: str, preset: str = "sd15"):
             row=row,
             case=f"{preset} unet: its tree of {n}, {kernels} in the GPU's kernel layout, a call",
         ),
-        state_case(packed=False),
-        state_case(packed=True),
+        state_case(packed="none"),
+        state_case(packed="small"),
+        state_case(packed="all"),
     ]
 
 
