@@ -57,8 +57,14 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # the remains of a save cut short by a kill
             enable_async_checkpointing=async_save,
         )
+        # Handlers named up front: a new process reads a checkpoint's metadata before it restores.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        }
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:
@@ -104,6 +110,13 @@ class Checkpointer:
         )
         state = relayout(restored.state, abstract_state)
         return state, dict(restored.data), dict(restored.config)
+
+    def state_metadata(self, step: int):
+        """The tree of checkpoint `step`'s state, each array's orbax metadata (shape, dtype) in
+        place of the array: what it holds, read without the arrays."""
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}")
+        return self._manager.item_metadata(step)["state"].tree
 
     def read_config(self, step: int | None = None) -> dict:
         """The config saved with checkpoint `step` (default: the latest), without the arrays."""

@@ -74,7 +74,7 @@ def _train(cfg, mesh, batch, unet_params):
             for path, x in jax.tree_util.tree_leaves_with_path(state)
         },
         "params": jax.device_get(state.params),
-        "ema": jax.device_get(state.ema_params),
+        "ema": jax.device_get(state.ema_tree()),
         "initial": initial,
         "traces": len(traces),
         "created": created,  # (sharding, size of one shard, size) of each initial parameter
@@ -166,6 +166,17 @@ def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypat
         assert a.sharding == b.sharding, path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     laid["step"](restored, shd.shard_batch(batch, mesh), jax.random.key(7))  # takes it as it is
+
+    # A checkpoint with the EMA and moments packed (no FSDP) resumes into the same order.
+    ckpt = Checkpointer(tmp_path / "packed", async_save=False)
+    ckpt.save(5, runs("single")["state"].checkpointed(), data={"position": 40}, config={})
+    restored, _ = restored_state(run, ckpt, 5)
+    ckpt.close()
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(restored), jax.tree_util.tree_leaves(state), strict=True
+    ):
+        assert a.format.layout.major_to_minor == b.format.layout.major_to_minor, path
+        assert a.sharding == b.sharding, path
 
 
 def test_norm_clip_and_finiteness_reduce_small_leaves_together():
@@ -332,6 +343,97 @@ def test_fsdp_runs_reduce_each_leaf_on_its_own(runs):
     assert runs("single")["run"].setup.small_leaf == SMALL_LEAF
 
 
+def test_runs_that_split_no_parameter_pack_the_ema_and_moments(runs):
+    """Without FSDP the EMA and each Adam moment are a few arrays of every parameter's elements
+    (a step passes 4 arrays a parameter otherwise); the sharded and single-device runs above,
+    one packed and one not, train the same."""
+    import optax
+
+    from jaxdiff.train import state as st
+
+    def shadows(name):
+        state = runs(name)["state"]
+        (adam,) = [
+            x
+            for x in jax.tree_util.tree_leaves(
+                state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+            )
+            if isinstance(x, optax.ScaleByAdamState)
+        ]
+        return state, [state.ema_params, adam.mu, adam.nu]
+
+    params = jax.tree_util.tree_leaves(runs("single")["state"].params)
+    groups = -(-len(params) // st.PACK_LEAVES)
+    assert groups > 1  # MICRO_UNET's parameters fill more than one
+    state, packed = shadows("single")
+    assert runs("single")["run"].setup.packed and st.is_packed(state.checkpointed())
+    for shadow in packed:
+        assert isinstance(shadow, list) and len(shadow) == groups
+        assert all(x.ndim == 1 for x in shadow)
+        assert sum(x.size for x in shadow) == sum(x.size for x in params)
+    # The rest are counters: the step, Adam's and the learning rate schedule's.
+    leaves = jax.tree_util.tree_leaves(state.checkpointed())
+    counters = [x for x in leaves if x.ndim == 0]
+    assert len(leaves) == len(params) + 3 * groups + len(counters) and len(counters) == 3
+    state, trees = shadows("fsdp")
+    assert not runs("fsdp")["run"].setup.packed and not st.is_packed(state.checkpointed())
+    structure = jax.tree_util.tree_structure(runs("fsdp")["state"].params)
+    assert all(jax.tree_util.tree_structure(t) == structure for t in trees)
+    # The EMA and Adam's moments in `pack`'s order: the same numbers either way.
+    for tree, flat in zip(trees, packed, strict=True):
+        for x, y in zip(st.pack(jax.device_get(tree)), flat, strict=True):
+            assert_close(np.asarray(x), np.asarray(y), "packed state")
+
+
+def test_pack_and_unpack_are_each_others_inverse(monkeypatch):
+    from jaxdiff.train import state as st
+
+    monkeypatch.setattr(st, "PACK_LEAVES", 2)
+    kernel = np.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)  # [kh, kw, in, out]
+    tree = {"a": {"kernel": kernel}, "b": np.arange(5.0), "c": np.ones((2, 3))}
+    packed = [np.asarray(x) for x in st.pack(tree)]
+    assert [x.shape for x in packed] == [(125,), (6,)]  # "a" and "b", then "c"
+    # A convolution kernel as [out, kh, kw, in], the order a GPU keeps it in.
+    np.testing.assert_array_equal(packed[0][:120], kernel.transpose(3, 0, 1, 2).reshape(-1))
+    assert packed[0][120:].tolist() == list(range(5))
+    back = st.unpack(packed, tree)
+    for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert np.shares_memory(back["b"], packed[0])  # numpy in, views out
+    with pytest.raises(ValueError, match="125"):
+        st.unpack([np.zeros(126), np.zeros(6)], tree)
+    with pytest.raises(ValueError, match="125"):
+        st.unpack([np.zeros(125)], tree)
+
+
+@pytest.mark.parametrize("source, target", [("single", "fsdp"), ("fsdp", "single")])
+def test_a_checkpoint_resumes_on_a_mesh_of_the_other_layout(runs, source, target, tmp_path):
+    """A run checkpointed without FSDP (EMA and moments packed) resumes with FSDP (trees), and
+    the other way: the same numbers, in the resuming run's layout and places."""
+    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff.train import state as st
+    from jaxdiff.train.loop import restored_state
+
+    saved = runs(source)["state"]
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(3, saved.checkpointed(), data={"position": 24}, config={})
+    run = runs(target)["run"]
+    restored, position = restored_state(run, ckpt, 3)
+    ckpt.close()
+    assert position == 24 and st.is_packed(restored.checkpointed()) == run.setup.packed
+    expected = st.repack(jax.device_get(saved.checkpointed()), run.setup.packed)
+    got = restored.checkpointed()
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, where in zip(
+        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(run.shardings), strict=True
+    ):
+        assert x.sharding.is_equivalent_to(where, x.ndim)
+
+
 def test_born_sharded_init_matches_rules(runs):
     """Random init through jit(init, out_shardings) on the FSDP mesh: created on its shards."""
     r = runs("fsdp")
@@ -482,7 +584,7 @@ def test_vae_decoder_only_fine_tune():
             state, m = step(state, shd.shard_batch({"images": images}, mesh), jax.random.key(i))
             norms.append(float(m["grad_norm"]))
         after = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
-        ema = traverse_util.flatten_dict(jax.device_get(state.ema_params), sep="/")
+        ema = traverse_util.flatten_dict(jax.device_get(state.ema_tree()), sep="/")
         moved = {k for k in before if not np.array_equal(before[k], after[k])}
         ema_moved = {k for k in before if not np.array_equal(before[k], ema[k])}
         return set(before), moved, ema_moved, norms[0]

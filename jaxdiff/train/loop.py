@@ -141,9 +141,24 @@ def restored_state(run: Run, ckpt: Checkpointer, step: int) -> tuple[st.TrainSta
         run.abstract,
         shd.placements(run.abstract),
     )
-    restored, data, _ = ckpt.restore(step, placed)
+    restored, data = restore_checkpointed(run, ckpt, step, placed)
     frozen = jax.device_put(run.frozen, run.frozen_shardings)
     return st.assemble_state(restored, frozen), int(data["position"])
+
+
+def restore_checkpointed(run: Run, ckpt: Checkpointer, step: int, target) -> tuple[dict, dict]:
+    """(the checkpointed state of checkpoint `step` placed as `target` says (`run.abstract`
+    or its placements), the data stream's position record). A checkpoint written on a mesh of
+    the other layout (`st.packed_state`: FSDP or not) is restored as written and converted."""
+    saved_packed = st.is_packed(ckpt.state_metadata(step))
+    if saved_packed == run.setup.packed:
+        restored, data, _ = ckpt.restore(step, target)
+        return restored, data
+    saved = st.repack_abstract(target, saved_packed, shd.replicated(run.mesh))
+    restored, data, _ = ckpt.restore(step, saved)
+    restored = st.repack(restored, run.setup.packed)
+    placed = jax.device_put(restored, jax.tree_util.tree_map(lambda t: t.sharding, target))
+    return shd.relayout(placed, target), data
 
 
 # ----------------------------------------------------------------------------- batches
@@ -394,7 +409,7 @@ class TrainResult:
 
 
 def _sample_params(state: st.TrainState) -> dict:
-    return {**state.frozen, **state.ema_params}
+    return {**state.frozen, **state.ema_tree()}
 
 
 def train(
@@ -520,16 +535,19 @@ def export(workdir, out_dir, *, use_ema: bool = True, step: int | None = None, o
     cfg = read_run_config(workdir)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=False)
     try:
-        if ckpt.latest_step() is None:
+        latest = ckpt.latest_step()
+        if latest is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
         # Restore on one host device: export needs no accelerator and no mesh of the run's size.
         cpu = jax.devices("cpu")[:1]
         cfg = dataclasses.replace(cfg, batch_size=cfg.grad_accum)
         run = prepare(cfg, shd.make_mesh(1, 1, devices=cpu))
-        restored, _, _ = ckpt.restore(step, run.abstract)
+        restored, _ = restore_checkpointed(
+            run, ckpt, latest if step is None else step, run.abstract
+        )
     finally:
         ckpt.close()
-    trained = restored["ema_params" if use_ema else "params"]
+    trained = st.ema_tree(restored) if use_ema else restored["params"]
     weights = run.base
     params = dict(weights.params)
     for name, p in trained.items():

@@ -13,6 +13,7 @@ out_shardings=...)` creates every array already on its devices.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -35,10 +36,18 @@ SMALL_LEAF = 1 << 16
 
 @struct.dataclass
 class TrainState:
+    """The arrays a step carries. Where no parameter is split over devices (`TrainSetup.packed`),
+    the EMA and each of the Adam moments are a few float32 arrays of every parameter's elements
+    in `jax.tree_util.tree_leaves(params)` order (`pack`; `unpack` and `ema_tree` give the tree):
+    a step takes and returns each array of its state, at a cost a call pays per array (on an
+    H200, SD 1.5's 2,744 arrays were about 40 ms of a traced step's host time; docs/benchmarks.md,
+    session 19), and the optimizer then updates a few long arrays rather than a parameter at a
+    time."""
+
     step: jax.Array  # [] int32: optimizer updates done
     params: Any  # component name -> float32 params of the trained components
-    ema_params: Any  # same tree: exponential moving average of `params`
-    opt_state: Any  # optax state of `params`
+    ema_params: Any  # exponential moving average of `params`: the same tree, or `pack`ed
+    opt_state: Any  # optax state of `params` (Adam's moments the same tree, or `pack`ed)
     frozen: Any  # component name -> params of the frozen components (not checkpointed)
 
     def checkpointed(self) -> dict:
@@ -49,6 +58,131 @@ class TrainState:
             "ema_params": self.ema_params,
             "opt_state": self.opt_state,
         }
+
+    def ema_tree(self):
+        """The EMA of `params` as their tree, packed or not."""
+        return ema_tree(self.checkpointed())
+
+
+# Leaves a `pack`ed array holds at most. XLA:GPU fuses a concatenation of this many operands
+# into the kernel that reads it: the moments' update reads each group's gradients where the
+# backward wrote them. With one array per tree it first copied the gradients into pieces of up
+# to 128 (SD 1.5's train step compiled for an H200; docs/benchmarks.md, session 19).
+PACK_LEAVES = 64
+
+
+# A 4-D leaf (a convolution kernel, [kh, kw, in, out]) packs as [out, kh, kw, in]: the order a
+# GPU keeps it in (jaxdiff.sharding.CONV_KERNEL_LAYOUTS), so there packing it moves no data. One
+# order everywhere: a checkpoint unpacks the same on any platform.
+PACK_KERNEL_ORDER = (3, 0, 1, 2)
+
+
+def _groups(leaves: list) -> list:
+    return [leaves[i : i + PACK_LEAVES] for i in range(0, len(leaves), PACK_LEAVES)]
+
+
+def pack(tree) -> list:
+    """`tree`'s leaves as a list of 1-D arrays, each the elements of up to `PACK_LEAVES` leaves
+    after one another (in `jax.tree_util.tree_leaves` order, each leaf in row-major order, a 4-D
+    one after `PACK_KERNEL_ORDER`)."""
+
+    def flat(x):
+        return jnp.reshape(jnp.transpose(x, PACK_KERNEL_ORDER) if x.ndim == 4 else x, (-1,))
+
+    return [
+        jnp.concatenate([flat(x) for x in group])
+        for group in _groups(jax.tree_util.tree_leaves(tree))
+    ]
+
+
+def unpack(packed: list, like):
+    """`pack` undone: `packed` cut into arrays shaped as the leaves of `like` (arrays or
+    `jax.ShapeDtypeStruct`s), in its tree. numpy arrays give numpy views."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    groups = _groups(leaves)
+    sizes = [[math.prod(x.shape) for x in group] for group in groups]
+    shapes = [tuple(np.shape(x)) for x in packed]
+    if shapes != [(sum(s),) for s in sizes]:
+        raise ValueError(f"packed arrays of {shapes} for {[sum(s) for s in sizes]} elements")
+    back = tuple(int(a) for a in np.argsort(PACK_KERNEL_ORDER))
+    out = []
+    for flat, group, group_sizes in zip(packed, groups, sizes, strict=True):
+        start = 0
+        for leaf, size in zip(group, group_sizes, strict=True):
+            part = flat[start : start + size]
+            if len(leaf.shape) == 4:
+                part = part.reshape([leaf.shape[a] for a in PACK_KERNEL_ORDER]).transpose(back)
+            out.append(part.reshape(leaf.shape))
+            start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _packed(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on the `pack`ed parameters and updates (`optax.flatten` in groups): its state
+    holds `pack`ed arrays, its updates come back as the parameters' tree."""
+
+    def init(params):
+        return inner.init(pack(params))
+
+    def update(updates, state, params=None):
+        flat, state = inner.update(pack(updates), state, None if params is None else pack(params))
+        return unpack(flat, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def is_packed(checkpointed: dict) -> bool:
+    """Whether a (checkpointed) state holds its EMA and moments `pack`ed."""
+    return not isinstance(checkpointed["ema_params"], dict)
+
+
+def ema_tree(checkpointed: dict):
+    """The EMA of a (checkpointed) state's `params` as their tree."""
+    ema = checkpointed["ema_params"]
+    return unpack(ema, checkpointed["params"]) if is_packed(checkpointed) else ema
+
+
+def _map_shadows(checkpointed: dict, fn) -> dict:
+    """`checkpointed` with `fn` applied to its EMA and to each of Adam's moments."""
+
+    def moments(x):
+        if isinstance(x, optax.ScaleByAdamState):
+            return x._replace(mu=fn(x.mu), nu=fn(x.nu))
+        return x
+
+    return {
+        **checkpointed,
+        "ema_params": fn(checkpointed["ema_params"]),
+        "opt_state": jax.tree_util.tree_map(
+            moments,
+            checkpointed["opt_state"],
+            is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState),
+        ),
+    }
+
+
+def repack(checkpointed: dict, packed: bool) -> dict:
+    """A (checkpointed) state with its EMA and Adam moments `pack`ed, or as the tree of its
+    `params`: a checkpoint of one layout resumed by a run of the other."""
+    if is_packed(checkpointed) == packed:
+        return checkpointed
+    params = checkpointed["params"]
+    return _map_shadows(checkpointed, pack if packed else lambda x: unpack(x, params))
+
+
+def repack_abstract(abstract: dict, packed: bool, sharding) -> dict:
+    """`repack` of an abstract checkpointed state (`jax.ShapeDtypeStruct`s with shardings): a
+    `pack`ed array is placed by `sharding`, a tree as the parameters are."""
+    if is_packed(abstract) == packed:
+        return abstract
+    params = abstract["params"]
+    flat = [
+        jax.ShapeDtypeStruct(
+            (sum(math.prod(x.shape) for x in group),), jnp.float32, sharding=sharding
+        )
+        for group in _groups(jax.tree_util.tree_leaves(params))
+    ]
+    return _map_shadows(abstract, lambda _: flat if packed else params)
 
 
 # ----------------------------------------------------------------------------- the base model
@@ -125,6 +259,7 @@ class TrainSetup:
     empty_ids: np.ndarray | None  # [77] int32: the tokenized empty caption
     empty_ids_2: np.ndarray | None = None  # ... by the second tokenizer (SDXL)
     small_leaf: int = SMALL_LEAF  # `small_leaf_limit` of the run's mesh
+    packed: bool = False  # the EMA and Adam's moments `pack`ed (`packed_state`; `tx` so too)
 
     @property
     def sdxl(self) -> bool:
@@ -201,6 +336,13 @@ def small_leaf_limit(fsdp: int) -> int:
     return SMALL_LEAF if fsdp == 1 else 0
 
 
+def packed_state(fsdp: int) -> bool:
+    """Whether a run on a mesh whose FSDP axis has `fsdp` devices keeps its EMA and Adam's
+    moments `pack`ed: where no parameter is split. Under FSDP each stays a tree of arrays split
+    as their parameters are: a flat array would have to be gathered and scattered across them."""
+    return fsdp == 1
+
+
 def _major_axis(x) -> int:
     """The axis of a state leaf (or its gradient) that is major in its memory order on a GPU: a
     convolution kernel's output channels (the last axis of HWIO, first in cuDNN's order), else
@@ -275,22 +417,27 @@ def clip_by_global_norm(max_norm: float, small: int = SMALL_LEAF) -> optax.Gradi
 
 
 def optimizer(
-    cfg: TrainConfig, learning_rate: optax.Schedule, small_leaf: int = SMALL_LEAF
+    cfg: TrainConfig,
+    learning_rate: optax.Schedule,
+    small_leaf: int = SMALL_LEAF,
+    packed: bool = False,
 ) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW. A frozen parameter (`freeze_params`) gets exactly zero
     updates: the step drops its gradient (step._without_frozen), so its Adam moments stay zero,
-    and it has no weight decay. small_leaf: `small_leaf_limit` of the run's mesh."""
+    and it has no weight decay. small_leaf: `small_leaf_limit` of the run's mesh.
+
+    `optax.adamw`'s pieces, in its order and with its state's structure; `packed` keeps Adam's
+    moments `pack`ed, while the weight decay and the learning rate apply to each parameter as
+    before."""
     parts = []
     if cfg.grad_clip > 0:
         parts.append(clip_by_global_norm(cfg.grad_clip, small_leaf))
+    adam = optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
     parts.append(
-        optax.adamw(
-            learning_rate,
-            b1=cfg.adam_b1,
-            b2=cfg.adam_b2,
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask(cfg),
+        optax.chain(
+            _packed(adam) if packed else adam,
+            optax.add_decayed_weights(cfg.weight_decay, _decay_mask(cfg)),
+            optax.scale_by_learning_rate(learning_rate),
         )
     )
     return optax.chain(*parts)
@@ -323,6 +470,7 @@ def build_setup(
 
     dtype = jnp.dtype(cfg.compute_dtype)
     small_leaf = small_leaf_limit(fsdp)
+    packed = packed_state(fsdp)
     trained = trained_components(cfg)
     needed = ("vae",) if cfg.task == "vae" else ("unet", "vae", "text_encoder")
     sdxl = cfg.task == "unet" and "text_encoder_2" in configs
@@ -376,11 +524,12 @@ def build_setup(
         trained=trained,
         schedule=schedule,
         prediction_type=prediction_type,
-        tx=optimizer(cfg, lr, small_leaf),
+        tx=optimizer(cfg, lr, small_leaf, packed),
         learning_rate=lr,
         empty_ids=empty_ids,
         empty_ids_2=empty_ids_2,
         small_leaf=small_leaf,
+        packed=packed,
     )
 
 
@@ -411,7 +560,11 @@ def _init_boxed(setup: TrainSetup, key, pretrained: dict):
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "ema_params": jax.tree_util.tree_map(lambda x: x, params),
+        "ema_params": (
+            pack(nn.meta.unbox(params))
+            if setup.packed
+            else jax.tree_util.tree_map(lambda x: x, params)
+        ),
         "opt_state": setup.tx.init(params),
     }
 
@@ -511,8 +664,9 @@ def assemble_state(checkpointed: dict, frozen: dict) -> TrainState:
 def train_state_shardings(abstract: dict, frozen_sh: dict) -> TrainState:
     """Where each array of a whole TrainState lives, for jit's in/out shardings: the checkpointed
     part's `jaxdiff.sharding.placements` (on a GPU, each convolution kernel a `Format` of the
-    order cuDNN reads, and its Adam moments and EMA with it, so the optimizer's update reads
-    and writes every array in one order, transposing nothing), the frozen params' shardings.
+    order cuDNN reads, and, where they are trees, its Adam moments and EMA with it, so the
+    optimizer's update reads and writes every array in one order, transposing nothing), the
+    frozen params' shardings.
 
     abstract: the checkpointed state's tree of `jax.ShapeDtypeStruct`s with shardings
     (`state_shardings`)."""

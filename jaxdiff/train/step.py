@@ -27,7 +27,14 @@ from jaxdiff.pipelines.conditioning import encode_sd, encode_sdxl
 from jaxdiff.schedules import add_noise
 from jaxdiff.train import losses
 from jaxdiff.train.remat import remat_blocks
-from jaxdiff.train.state import TrainSetup, TrainState, all_finite, frozen_mask, global_norm
+from jaxdiff.train.state import (
+    TrainSetup,
+    TrainState,
+    all_finite,
+    frozen_mask,
+    global_norm,
+    pack,
+)
 
 
 def _micro_batches(tree, n: int):
@@ -44,12 +51,15 @@ def _micro_batches(tree, n: int):
     return jax.tree_util.tree_map(one, tree)
 
 
-def _ema(ema_params, params, step, cfg):
+def _ema(ema_params, params, step, cfg, packed: bool):
+    """The new EMA of `params`; `packed`: `ema_params` is `jaxdiff.train.state.pack`ed."""
     decay = jnp.float32(cfg.ema_decay)
     if cfg.ema_warmup:
         # Early on, the EMA follows the weights more closely (as diffusers' EMAModel warmup).
         s = step.astype(jnp.float32)
         decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
+    if packed:
+        params = pack(params)
     # e + (1 - decay)(p - e), not decay e + (1 - decay) p: the same in exact arithmetic, and a
     # parameter that does not move (freeze_params) keeps its EMA bit for bit.
     return jax.tree_util.tree_map(
@@ -228,7 +238,7 @@ def _apply(state: TrainState, grads, metrics, setup: TrainSetup):
     new_state = state.replace(
         step=state.step + 1,
         params=params,
-        ema_params=_ema(state.ema_params, params, state.step, cfg),
+        ema_params=_ema(state.ema_params, params, state.step, cfg, setup.packed),
         opt_state=opt_state,
     )
     metrics = {
