@@ -434,6 +434,29 @@ def test_a_checkpoint_resumes_on_a_mesh_of_the_other_layout(runs, source, target
         assert x.sharding.is_equivalent_to(where, x.ndim)
 
 
+def test_a_step_takes_the_frozen_weights_without_donating_them(runs, batch):
+    """The step donates the state but for its frozen weights (`TrainStepFn`): the new state holds
+    the same frozen arrays, and the program takes the text encoder's as arguments only, and not
+    the VAE's, which a step on cached latents never reads."""
+    import re
+
+    r = runs("single")
+    state = jax.tree_util.tree_map(jnp.copy, r["state"])  # the fixture's state stays whole
+    data = shd.shard_batch(batch, r["run"].mesh)
+    new, _ = r["step"](state, data, jax.random.key(1))
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(state.params))
+    frozen = jax.tree_util.tree_leaves(state.frozen)
+    assert frozen and not any(x.is_deleted() for x in frozen)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(new.frozen), frozen, strict=True))
+    text = r["step"].lower(new, data, jax.random.key(1)).as_text()
+    main = next(line for line in text.splitlines() if "func.func public @main(" in line)
+    arguments = len(re.findall(r"%arg\d+:", main))
+    leaves = jax.tree_util.tree_leaves
+    text_encoder = len(leaves(new.frozen["text_encoder"]))
+    assert len(leaves(new.frozen["vae"])) > 0
+    assert arguments == len(leaves(new.checkpointed())) + text_encoder + len(leaves(data)) + 1
+
+
 def test_born_sharded_init_matches_rules(runs):
     """Random init through jit(init, out_shardings) on the FSDP mesh: created on its shards."""
     r = runs("fsdp")

@@ -425,8 +425,8 @@ def train_step(
     low = dtype_name != "float32"
     ours = measure_jax_back_to_back(
         ctx,
-        step,
-        (state, batch_arrays, key),
+        step.jitted,
+        step.arguments(state, batch_arrays, key),  # the state's frozen weights not donated
         calls=TRAIN_BACK_TO_BACK,
         carry=True,
         row=row,
