@@ -40,9 +40,9 @@ class TrainState:
     the EMA and each of the Adam moments are a few float32 arrays of every parameter's elements
     in `jax.tree_util.tree_leaves(params)` order (`pack`; `unpack` and `ema_tree` give the tree):
     a step takes and returns each array of its state, at a cost a call pays per array (on an
-    H200, SD 1.5's 2,744 arrays were about 40 ms of a traced step's host time; docs/benchmarks.md,
-    session 19), and the optimizer then updates a few long arrays rather than a parameter at a
-    time."""
+    H200, about 38 ms of a traced SD 1.5 step's host time went to its 3,194 arguments and their
+    results; docs/benchmarks.md, session 19), and the optimizer then updates a few long arrays
+    rather than a parameter at a time."""
 
     step: jax.Array  # [] int32: optimizer updates done
     params: Any  # component name -> float32 params of the trained components
