@@ -1,10 +1,10 @@
 """The train steps: pure module-level functions `train_step(state, batch, key, *, setup)`.
 
 Bind `setup` with `functools.partial` and jit once (`jit_train_step`) with the state's
-shardings and the state donated. Randomness: `fold_in(key, step)`, then one split per use;
-every random draw covers the whole global batch before it is cut into micro-batches, so an
-example's noise, timestep and caption dropout do not depend on the batch layout (gradient
-accumulation gives the gradient of the one big batch).
+shardings and the state donated but for its frozen weights. Randomness: `fold_in(key, step)`,
+then one split per use; every random draw covers the whole global batch before it is cut into
+micro-batches, so an example's noise, timestep and caption dropout do not depend on the batch
+layout (gradient accumulation gives the gradient of the one big batch).
 
 Batches (host arrays, leading dimension the global batch):
   UNet task: "images" [B, H, W, 3] float32 in [-1, 1] (or "latents" [B, h, w, 2C]: the frozen
@@ -255,10 +255,10 @@ class TrainStepFn:
     """`jit_train_step`'s result: `step(state, batch, key) -> (new state, metrics)`.
 
     The jitted program (`jitted`) takes the state without its frozen weights, donated, and the
-    frozen weights as an argument of their own, not donated (`arguments`): a donated array comes
-    back as a result of the program, so the frozen components (SD 1.5's text encoder and VAE, 444
-    arrays) went in and out of every step, and jax passes no unused argument (the VAE, on cached
-    latents) to the program. The new state holds the same frozen arrays."""
+    frozen weights as an argument of their own, not donated (`arguments`). Donated with the
+    state, the frozen components (SD 1.5's text encoder and VAE, 444 arrays) came back as
+    results of every step; now they are arguments only, and jax passes none that the program
+    does not read (the VAE's, on cached latents). The new state holds the same frozen arrays."""
 
     def __init__(self, jitted):
         self.jitted = jitted
