@@ -141,7 +141,7 @@ def self_times(events) -> tuple[list, dict]:
             _, done, own = stack.pop()
             totals[done][0] += own
             totals[done][1] += 1
-        if call_end is not None and start >= call_end and not stack:
+        if call_end is not None and start >= call_end:  # the call, popped above, is over
             call_end = None
         if root and call_end is None:
             calls.append((start, end))

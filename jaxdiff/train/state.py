@@ -118,14 +118,16 @@ def unpack(packed: list, like):
 
 
 def _packed(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`inner` on the `pack`ed parameters and updates (`optax.flatten` in groups): its state
-    holds `pack`ed arrays, its updates come back as the parameters' tree."""
+    """`inner` on the `pack`ed updates (`optax.flatten` in groups): its state holds `pack`ed
+    arrays, its updates come back as the parameters' tree. `inner` must not read the parameters
+    (Adam's scaling does not): they are not packed for it."""
 
     def init(params):
         return inner.init(pack(params))
 
     def update(updates, state, params=None):
-        flat, state = inner.update(pack(updates), state, None if params is None else pack(params))
+        del params
+        flat, state = inner.update(pack(updates), state)
         return unpack(flat, updates), state
 
     return optax.GradientTransformation(init, update)
