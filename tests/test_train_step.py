@@ -385,6 +385,50 @@ def test_runs_that_split_no_parameter_pack_the_ema_and_moments(runs):
             assert_close(np.asarray(x), np.asarray(y), "packed state")
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_optimizer_is_optax_adamw_with_global_norm_clipping(packed, monkeypatch):
+    """`state.optimizer`, tree or packed (in groups of 2 here), updates as optax's
+    `clip_by_global_norm` then `adamw` with weight decay on kernels only."""
+    import optax
+
+    from jaxdiff.train import state as st
+
+    monkeypatch.setattr(st, "PACK_LEAVES", 2)
+    cfg = dataclasses.replace(CFG, weight_decay=0.1, grad_clip=1.0)
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": {"kernel": rng.normal(size=(3, 3, 4, 5)), "bias": rng.normal(size=(5,))},
+        "dense": {"kernel": rng.normal(size=(5, 6)), "bias": rng.normal(size=(6,))},
+        "norm": {"scale": rng.normal(size=(6,))},
+    }
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    ours = st.optimizer(cfg, optax.constant_schedule(1e-2), packed=packed)
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            1e-2,
+            cfg.adam_b1,
+            cfg.adam_b2,
+            cfg.adam_eps,
+            weight_decay=0.1,
+            mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p),
+        ),
+    )
+    got, want = params, params
+    got_state, want_state = ours.init(params), reference.init(params)
+    for i in range(3):  # the first step's gradient is clipped, the others are not
+        scale = 10.0 if i == 0 else 0.01
+        grads = jax.tree_util.tree_map(lambda x, s=scale, k=i: s * jnp.cos(x + k), params)
+        update, got_state = jax.jit(ours.update)(grads, got_state, got)
+        got = optax.apply_updates(got, update)
+        update, want_state = reference.update(grads, want_state, want)
+        want = optax.apply_updates(want, update)
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want), strict=True
+    ):
+        assert_close(x, y, f"optimizer, packed={packed}: {jax.tree_util.keystr(path)}")
+
+
 def test_pack_and_unpack_are_each_others_inverse(monkeypatch):
     from jaxdiff.train import state as st
 
