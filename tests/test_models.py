@@ -516,7 +516,7 @@ def test_exact_gelu_is_torchs_in_each_dtype():
     assert np.mean(plain == ref16) < 0.8
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("preset", [pytest.param("tiny", marks=pytest.mark.slow), "tiny-sdxl"])
 def test_context_kv_gives_the_call_without_it(preset):
     """A UNet given its cross-attention keys and values ahead (`context_kv`) returns what it
     returns projecting the context itself, and it reads them: a wrong cache changes the output."""

@@ -221,12 +221,17 @@ def test_clip_skip_conditioning_matches_the_reference(sd1, clip_skip):
     assert_close(ours, expected, f"clip_skip={clip_skip} conditioning")
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize(
+    "sampler",
+    ["ddim", pytest.param("euler", marks=pytest.mark.slow)],  # euler: SD 1 covers it
+)
 def test_sd2_v_prediction_matches_diffusers(tmp_path, sd2, sampler):
     _compare(tmp_path, *sd2, sampler, 2, "low quality")
 
 
-@pytest.mark.parametrize("batch,negative", [(1, None), (2, "ugly")])
+@pytest.mark.parametrize(
+    "batch,negative", [pytest.param(1, None, marks=pytest.mark.slow), (2, "ugly")]
+)
 def test_sdxl_matches_diffusers(tmp_path, sdxl, batch, negative):
     _compare(tmp_path, *sdxl, "euler", batch, negative, guidance=5.0)
 
@@ -268,6 +273,7 @@ def sdxl_refiner(tmp_path_factory):
     return StableDiffusionXLImg2ImgPipeline.from_pretrained(path), path
 
 
+@pytest.mark.slow  # about 30 s on 2 cores; CI runs it in its slow pass
 def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
     """With the CLI's progress bar (its default): both stages run one program per step."""
     (base, base_path), (refiner, refiner_path) = sdxl, sdxl_refiner
@@ -333,6 +339,7 @@ def test_sdxl_base_and_refiner_match_diffusers(tmp_path, sdxl, sdxl_refiner):
     assert_close(np.load(out), expected, "SDXL base + refiner")
 
 
+@pytest.mark.slow  # about 40 s on 2 cores; CI runs it in its slow pass
 def test_nine_channel_inpainting_matches_diffusers(tmp_path, monkeypatch):
     """SD 1.x inpainting UNet; the VAE's posterior noise of the masked image is made identical by
     handing diffusers the noise jaxdiff draws from each image's seed."""

@@ -563,6 +563,7 @@ def test_sdxl_training_run_and_export(tmp_path):
         loop.prepare(dataclasses.replace(cfg, model="sdxl-refiner"))
 
 
+@pytest.mark.slow  # about 25 s on 2 cores; CI runs it in its slow pass
 def test_a_run_from_pretrained_weights_keeps_no_host_copy_of_them(tmp_path, monkeypatch):
     """Started from a model folder's weights, the loop drops their host copy once the train state
     holds them: on the CPU it was a second copy of the trained model for the whole run."""

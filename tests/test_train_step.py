@@ -129,6 +129,7 @@ def test_sharded_step_equals_single_device(runs, name):
     _assert_same_run(runs(name), runs("single"), name)
 
 
+@pytest.mark.slow  # about 45 s on 2 cores; CI runs it in its slow pass
 def test_conv_kernels_in_the_devices_order_train_the_same(batch, runs, monkeypatch, tmp_path):
     """On a GPU the train state keeps each convolution kernel, its Adam moments and its EMA in the
     order cuDNN reads ([out, kh, kw, in]; jaxdiff.sharding.CONV_KERNEL_LAYOUTS), so the update
@@ -246,7 +247,7 @@ def test_norm_clip_and_finiteness_reduce_small_leaves_together():
             assert not np.isfinite(float(st.global_norm(broken, small))), what
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("tiny-sdxl", marks=pytest.mark.slow)])
 def test_frozen_weights_in_the_compute_dtype_change_nothing(model):
     """With bfloat16 compute, `prepare` keeps the frozen text encoders' and VAE's kernels and
     embeddings in bfloat16 (`state.frozen_for_compute`): the modules cast them so on every use,
@@ -626,6 +627,7 @@ def test_zero_terminal_snr_training():
         st.build_setup(cfg, configs, {**base, "_class_name": "PNDMScheduler"})
 
 
+@pytest.mark.slow  # about 45 s on 2 cores; CI runs it in its slow pass
 def test_vae_decoder_only_fine_tune():
     """task="vae" with freeze_params: the encoder and quant_conv stay bit-identical (weights and
     EMA) while the decoder trains, and their gradients count in no norm; without it, the encoder
@@ -681,7 +683,7 @@ def test_offset_noise_shifts_channels():
     assert losses.offset(noise, jax.random.key(0), 0.0) is noise
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny-sdxl", marks=pytest.mark.slow)])
 def test_unet_loss_and_gradients_as_diffusers(preset, tmp_path):
     """The UNet objective against diffusers' train_text_to_image(_sdxl).py in PyTorch, on the
     same weights and draws: latents sampled from cached moments and scaled, DDPM noising, the
