@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import mmap
+import os
 
 import jax
 import jax.numpy as jnp
@@ -712,6 +713,11 @@ def test_xla_flag_sets_append_in_order_once_and_each_parses_in_xla():
         )
         accepted = out.returncode == 0 and out.stdout.strip() == "4.0"
         assert accepted == ("NO_SUCH" not in flags), (flags, out.stderr[-1000:])
+    # `cpu-cores`: one CPU device per core this process may use.
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": sets["cpu-cores"]}
+    code = "import jax; print(jax.device_count())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(len(os.sched_getaffinity(0))), out.stderr[-1000:]
 
 
 @pytest.mark.parametrize(
@@ -774,6 +780,16 @@ def test_the_train_rows_start_from_weights_drawn_on_the_host():
         np.testing.assert_array_equal(np.asarray(ours), host)
     state, metrics = step(state, batch, key)
     assert np.isfinite(float(metrics["loss"]))
+
+    # The case over several CPU devices (`--xla-flags cpu-cores`) times the same step with the
+    # batch split across them: the same weights, and the same loss.
+    step, state, batch, key, run = _jaxdiff_train_step("tiny", 32, 2, "float32", data=2)
+    assert run.cfg.mesh_data == 2 and len(batch["latents"].sharding.device_set) == 2
+    assert batch["latents"].addressable_shards[0].data.shape[0] == 1
+    for ours, host in zip(jax.tree_util.tree_leaves(state.params["unet"]), drawn, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), host)
+    _, split = step(state, batch, key)
+    assert_close(split["loss"], metrics["loss"], "the loss, data parallel over 2 devices")
 
 
 def test_profile_writes_a_trace_per_case_that_the_summary_reads(tmp_path, monkeypatch):

@@ -45,12 +45,28 @@ NO_GRAPH_XLA_FLAGS = "--xla_gpu_enable_command_buffer="
 # XLA's program for an H200 compiled without a GPU (scripts/gpu_program.py, docs/benchmarks.md,
 # session 13); separate products are smaller. A candidate, not yet measured.
 NO_MERGE_XLA_FLAGS = "--xla_gpu_dot_merger_threshold_mb=0"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+# One XLA CPU device per core this process may run on. XLA's CPU runtime runs a program's kernels
+# mostly one at a time: in the tiny train step (b8) one of 2 cores was busy for 91 of 122 ms, both
+# for 13, and neither for 18 (about 1,400 hand-offs of ~12 us between kernels; docs/benchmarks.md,
+# session 20). With a device per core, a data-parallel program runs a share of the batch on each
+# at once; the train row then adds a case over all of them.
+CPU_CORES_XLA_FLAGS = f"--xla_force_host_platform_device_count={_usable_cores()}"
 # `--xla-flags NAME ...`: the sets, appended to XLA_FLAGS before jax starts.
 XLA_FLAG_SETS = {
     "gpu": GPU_XLA_FLAGS,
     "graphs": GRAPH_XLA_FLAGS,
     "nographs": NO_GRAPH_XLA_FLAGS,
     "nomerge": NO_MERGE_XLA_FLAGS,
+    "cpu-cores": CPU_CORES_XLA_FLAGS,
 }
 
 

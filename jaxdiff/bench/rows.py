@@ -355,8 +355,11 @@ def _train_config(preset: str, resolution: int, batch: int, dtype_name: str, rem
     )
 
 
-def _jaxdiff_train_step(preset: str, resolution: int, batch: int, dtype_name: str, remat=False):
-    """The adapter to jaxdiff.train: (jitted step, initial state, host batch, key).
+def _jaxdiff_train_step(
+    preset: str, resolution: int, batch: int, dtype_name: str, remat=False, data: int = 1
+):
+    """The adapter to jaxdiff.train: (jitted step, initial state, host batch, key), on the first
+    `data` devices, the batch split across them (data parallel).
 
     The batch holds cached latents (the VAE posterior's moments), as `cache_latents` gives, and
     for SDXL the second tokenizer's ids and the size ids of a square image at `resolution`.
@@ -370,8 +373,11 @@ def _jaxdiff_train_step(preset: str, resolution: int, batch: int, dtype_name: st
     from jaxdiff.train.loop import fresh_state, prepare
     from jaxdiff.train.step import jit_train_step
 
-    mesh = _one_device_mesh()
-    run = prepare(_train_config(preset, resolution, batch, dtype_name, remat), mesh)
+    mesh = _one_device_mesh() if data == 1 else shd.make_mesh(data, 1, jax.devices()[:data])
+    cfg = dataclasses.replace(
+        _train_config(preset, resolution, batch, dtype_name, remat), mesh_data=data
+    )
+    run = prepare(cfg, mesh)
     # The trained components start from weights drawn on the host (`random_params`, as the other
     # rows' models), not from the train state's initializer: the row times the step, and that
     # initializer compiles a kernel per random draw (on an H200, SD 1.5's had not compiled after
@@ -409,6 +415,11 @@ def train_step(
 
     The peer runs first here: jax's allocator keeps what it has grown to, and both train steps
     together may not fit one GPU.
+
+    On a CPU split into several devices (`--xla-flags cpu-cores`: one per core), the same two
+    cases again with the batch split across all of them ("data parallel over N CPU devices"),
+    against the same peer: XLA runs a program's kernels mostly one at a time, and a device per
+    core runs a share of the batch on each core at once.
     """
     case = f"{preset} train b{batch} {resolution}px cached latents {dtype_name}"
     case += " remat" if remat else ""
@@ -419,21 +430,29 @@ def train_step(
         cfg = _train_config(preset, resolution, batch, "float32", remat)
         peer = _torch_train(ctx, prepare(cfg, _one_device_mesh()), batch, row=row, case=case)
         _release_torch_memory()
-    step, state, batch_arrays, key, _ = _jaxdiff_train_step(
-        preset, resolution, batch, dtype_name, remat
-    )
+    import jax
+
     low = dtype_name != "float32"
-    ours = measure_jax_back_to_back(
-        ctx,
-        step.jitted,
-        step.arguments(state, batch_arrays, key),  # the state's frozen weights not donated
-        calls=TRAIN_BACK_TO_BACK,
-        carry=True,
-        row=row,
-        case=case,
-        items=batch,
-        low_precision=low,
-    )
+    ours = []
+    devices = jax.device_count()
+    split = jax.default_backend() == "cpu" and devices > 1 and batch % devices == 0
+    for data in (1, devices) if split else (1,):
+        step, state, batch_arrays, key, _ = _jaxdiff_train_step(
+            preset, resolution, batch, dtype_name, remat, data
+        )
+        ours += measure_jax_back_to_back(
+            ctx,
+            step.jitted,
+            step.arguments(state, batch_arrays, key),  # the state's frozen weights not donated
+            calls=TRAIN_BACK_TO_BACK,
+            carry=True,
+            row=row,
+            case=case,
+            items=batch,
+            low_precision=low,
+            impl="jaxdiff" if data == 1 else f"jaxdiff, data parallel over {data} CPU devices",
+        )
+        del step, state, batch_arrays
     return [*ours, *peer]
 
 
