@@ -450,6 +450,20 @@ def test_pack_and_unpack_are_each_others_inverse(monkeypatch):
     with pytest.raises(ValueError, match="125"):
         st.unpack([np.zeros(125)], tree)
 
+    # A device state's EMA comes out of one jitted program, compiled once for its shapes.
+    on_device = jax.tree_util.tree_map(jnp.asarray, tree)
+    state = st.TrainState(
+        step=jnp.int32(0), params=on_device, ema_params=st.pack(on_device), opt_state=(), frozen={}
+    )
+    programs = st._unpack_program._cache_size()
+    for _ in range(2):
+        ema = state.ema_tree()
+        assert st._unpack_program._cache_size() == programs + 1
+        assert jax.tree_util.tree_structure(ema) == jax.tree_util.tree_structure(tree)
+        leaves = zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(tree), strict=True)
+        for x, y in leaves:
+            np.testing.assert_array_equal(x, y)
+
 
 @pytest.mark.parametrize("source, target", [("single", "fsdp"), ("fsdp", "single")])
 def test_a_checkpoint_resumes_on_a_mesh_of_the_other_layout(runs, source, target, tmp_path):
