@@ -450,15 +450,15 @@ def test_pack_and_unpack_are_each_others_inverse(monkeypatch):
     with pytest.raises(ValueError, match="125"):
         st.unpack([np.zeros(125)], tree)
 
-    # A device state's EMA comes out of one jitted program, compiled once for its shapes.
+    # Device arrays (a state's EMA) are cut in one jitted program, compiled once for the shapes.
     on_device = jax.tree_util.tree_map(jnp.asarray, tree)
     state = st.TrainState(
         step=jnp.int32(0), params=on_device, ema_params=st.pack(on_device), opt_state=(), frozen={}
     )
-    programs = st._unpack_program._cache_size()
+    programs = st._cut_program._cache_size()
     for _ in range(2):
         ema = state.ema_tree()
-        assert st._unpack_program._cache_size() == programs + 1
+        assert st._cut_program._cache_size() == programs + 1
         assert jax.tree_util.tree_structure(ema) == jax.tree_util.tree_structure(tree)
         leaves = zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(tree), strict=True)
         for x, y in leaves:

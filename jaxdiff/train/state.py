@@ -13,7 +13,6 @@ out_shardings=...)` creates every array already on its devices.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -61,11 +60,8 @@ class TrainState:
         }
 
     def ema_tree(self):
-        """The EMA of `params` as their tree, packed or not; packed, cut out on the device in
-        one program (`unpack_on_device`)."""
-        if is_packed(self.checkpointed()):
-            return unpack_on_device(self.ema_params, self.params)
-        return self.ema_params
+        """The EMA of `params` as their tree, packed or not."""
+        return ema_tree(self.checkpointed())
 
 
 # Leaves a `pack`ed array holds at most. XLA:GPU fuses a concatenation of this many operands
@@ -101,41 +97,38 @@ def pack(tree) -> list:
 
 def unpack(packed: list, like):
     """`pack` undone: `packed` cut into arrays shaped as the leaves of `like` (arrays or
-    `jax.ShapeDtypeStruct`s), in its tree. numpy arrays give numpy views."""
+    `jax.ShapeDtypeStruct`s), in its tree. numpy arrays give numpy views. Device arrays are cut
+    in one jitted program, compiled once per tree of shapes: eagerly, each leaf's slice, reshape
+    and transpose was a program of its own (the tiny preset's EMA, 208 leaves on 2 CPU cores:
+    3.0-4.4 s the first time and 31-56 ms a call after, against 2.3-3.6 s and 2-4 ms;
+    docs/benchmarks.md, session 21)."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    groups = _groups(leaves)
-    sizes = [[math.prod(x.shape) for x in group] for group in groups]
-    shapes = [tuple(np.shape(x)) for x in packed]
-    if shapes != [(sum(s),) for s in sizes]:
-        raise ValueError(f"packed arrays of {shapes} for {[sum(s) for s in sizes]} elements")
+    shapes = tuple(tuple(x.shape) for x in leaves)
+    if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in packed):
+        return _cut_program(packed, treedef, shapes)
+    return _cut(packed, treedef, shapes)
+
+
+def _cut(packed: list, treedef, shapes: tuple):
+    groups = _groups(list(shapes))
+    sizes = [[math.prod(shape) for shape in group] for group in groups]
+    packed_shapes = [tuple(np.shape(x)) for x in packed]
+    if packed_shapes != [(sum(s),) for s in sizes]:
+        raise ValueError(f"packed arrays of {packed_shapes} for {[sum(s) for s in sizes]} elements")
     back = tuple(int(a) for a in np.argsort(PACK_KERNEL_ORDER))
     out = []
     for flat, group, group_sizes in zip(packed, groups, sizes, strict=True):
         start = 0
-        for leaf, size in zip(group, group_sizes, strict=True):
+        for shape, size in zip(group, group_sizes, strict=True):
             part = flat[start : start + size]
-            if len(leaf.shape) == 4:
-                part = part.reshape([leaf.shape[a] for a in PACK_KERNEL_ORDER]).transpose(back)
-            out.append(part.reshape(leaf.shape))
+            if len(shape) == 4:
+                part = part.reshape([shape[a] for a in PACK_KERNEL_ORDER]).transpose(back)
+            out.append(part.reshape(shape))
             start += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def unpack_on_device(packed: list, like):
-    """`unpack` of device arrays as one jitted program, compiled once per tree of shapes.
-
-    Eagerly, each leaf's slice, reshape and transpose is a program of its own, dispatched one at
-    a time: for the tiny preset's 208 leaves on 2 CPU cores, 3.0 s the first time (a compile per
-    shape) and 31 ms a call after, against 2.4 s and 2-4 ms (docs/benchmarks.md, session 21)."""
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    shapes = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
-    return _unpack_program(packed, treedef, shapes)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _unpack_program(packed, treedef, shapes):
-    like = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-    return unpack(packed, jax.tree_util.tree_unflatten(treedef, like))
+_cut_program = jax.jit(_cut, static_argnums=(1, 2))
 
 
 def _packed(inner: optax.GradientTransformation) -> optax.GradientTransformation:
