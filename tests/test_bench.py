@@ -557,21 +557,25 @@ def test_blocked_cpu_attention_matches_dot_product_attention(tokens):
 
 
 @pytest.mark.parametrize(
-    "tokens, masked",
-    [(48, False), (48, True), (1100, False)],
-    ids=["single-block", "causal-and-padding-mask", "query-blocked"],
+    "tokens, masked, batch, heads",
+    [(48, False, 2, 2), (48, True, 2, 2), (48, True, 1, 3), (1100, False, 2, 2)],
+    ids=["single-block", "causal-and-padding-mask", "uneven-groups", "query-blocked"],
 )
-def test_cpu_attention_gradient_matches_autodiff_of_dot_product_attention(tokens, masked):
-    """The CPU path's hand-written backward (flash attention's, softmax recomputed from the
-    log-sum-exp) against XLA's autodiff of jax.nn.dot_product_attention, for q, k and v."""
-    heads, dim, batch = 2, 8, 2
+def test_cpu_attention_gradient_matches_autodiff_of_dot_product_attention(
+    tokens, masked, batch, heads
+):
+    """The CPU path's hand-written backwards (flash attention's: from the kept softmax numerator
+    in groups of (batch, head) pairs, 3 pairs in 2 groups of 1 and 2 among them, or recomputed
+    from the log-sum-exp for query blocks) against XLA's autodiff of jax.nn.dot_product_attention,
+    for q, k and v."""
+    dim = 8
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((batch, tokens, heads * dim), np.float32) for _ in range(3))
     cotangent = rng.standard_normal(q.shape, np.float32)
     mask = None
-    if masked:  # CLIP's case: causal, and the second prompt's last 10 tokens are padding
+    if masked:  # CLIP's case: causal, and the last prompt's last 10 tokens are padding
         valid = np.ones((batch, 1, 1, tokens), bool)
-        valid[1, ..., -10:] = False
+        valid[-1, ..., -10:] = False
         mask = jnp.asarray(valid)
 
     def split(x):
@@ -591,6 +595,24 @@ def test_cpu_attention_gradient_matches_autodiff_of_dot_product_attention(tokens
     want = jax.grad(reference, argnums=(0, 1, 2))(q, k, v)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert_close(g, w, f"d{name}")
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_cpu_attention_gradient_keeps_the_softmax_and_groups_its_pairs(parts, monkeypatch):
+    """Differentiated, the whole-sequence CPU path takes one exponential per group of pairs, in
+    the forward, and none in the backward (it keeps the softmax's numerator); run alone, the
+    forward is one group whatever `parts` is."""
+    monkeypatch.setattr(layers, "_CPU_ATTENTION_PARTS", parts)
+    q = k = v = jnp.ones((2, 16, 4 * 8), jnp.float32)  # 8 (batch, head) pairs
+
+    def attend(q, k, v):
+        return layers.attention(q, k, v, num_heads=4).sum()
+
+    def exponentials(fn):
+        return jax.jit(fn).lower(q, k, v).as_text().count("stablehlo.exponential")
+
+    assert exponentials(jax.grad(attend, argnums=(0, 1, 2))) == parts
+    assert exponentials(attend) == 1
 
 
 def test_python_m_jaxdiff_cli_reports_bad_input_in_one_line():

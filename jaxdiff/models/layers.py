@@ -379,6 +379,9 @@ class LayerNorm(nn.Module):
 _CPU_QUERY_BLOCK = 1024
 # Below this many logits per head one block is as fast and compiles to a simpler program.
 _CPU_BLOCKED_MIN_LOGITS = 512 * 512
+# Sequences that run whole take their gradient in this many groups of (batch, head) pairs. Of 1,
+# 2 and 4 on 2 cores, 2 was fastest (docs/benchmarks.md, session 22).
+_CPU_ATTENTION_PARTS = 2
 
 
 def _attention_logits(q, k, keep, scale):
@@ -391,35 +394,22 @@ def _attention_logits(q, k, keep, scale):
     return logits
 
 
-def _attention_block_fwd(q, k, v, keep, scale):
-    """One attention block and the log-sum-exp of its logits [..., T, 1]."""
+def _attention_weights(q, k, keep, scale):
+    """The softmax's numerator exp(logits - row max) [..., T, S], its row max and row sums."""
     logits = _attention_logits(q, k, keep, scale)
     peak = logits.max(-1, keepdims=True)
     weights = jnp.exp(logits - peak)
-    total = weights.sum(-1, keepdims=True)
+    return weights, peak, weights.sum(-1, keepdims=True)
+
+
+def _attention_block_fwd(q, k, v, keep, scale):
+    """One attention block (float32), its softmax numerator, row max and row sums."""
+    weights, peak, total = _attention_weights(q, k, keep, scale)
     out = jnp.einsum(
         "...ts,...sh->...th", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
     # The softmax is normalized after the second product: [T, H] divided instead of [T, S].
-    return out / total, peak + jnp.log(total)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_block(q, k, v, keep, scale: float):
-    """softmax(q k^T * scale) v over the last two axes; q [..., T, H], k and v [..., S, H].
-
-    The custom backward is flash attention's: it recomputes the softmax from the saved
-    log-sum-exp instead of keeping it (so a query-blocked forward keeps its memory bound in the
-    backward pass too), and forms each gradient as one plain matrix product. XLA's own gradient
-    of the forward measured 1.6x slower on the CPU (docs/benchmarks.md).
-    """
-    return _attention_block_fwd(q, k, v, keep, scale)[0].astype(q.dtype)
-
-
-def _attention_block_vjp_fwd(q, k, v, keep, scale):
-    out, lse = _attention_block_fwd(q, k, v, keep, scale)
-    out = out.astype(q.dtype)
-    return out, (q, k, v, keep, out, lse)
+    return out / total, weights, peak, total
 
 
 def _contract_queries(x, weights):
@@ -432,22 +422,94 @@ def _contract_queries(x, weights):
     return jnp.swapaxes(jax.lax.optimization_barrier(out), -1, -2)
 
 
-def _attention_block_vjp_bwd(scale, residuals, d_out):
-    q, k, v, keep, out, lse = residuals
+def _attention_grads(scale, q, k, v, out, weights, inverse_total, d_out):
+    """Flash attention's backward from the softmax numerator `weights` [..., T, S] and the
+    inverse of its row sums (None where `weights` are the probabilities already); each gradient
+    is one plain matrix product."""
     f32 = jnp.float32
-    probs = jnp.exp(_attention_logits(q, k, keep, scale) - lse)
     d_out = d_out.astype(f32)
-    d_v = _contract_queries(d_out, probs)
-    d_probs = jnp.einsum("...th,...sh->...ts", d_out, v, preferred_element_type=f32)
-    row = (d_out * out.astype(f32)).sum(-1, keepdims=True)
-    d_logits = probs * (d_probs - row)  # of the scaled logits; the scale goes on d_q and d_k
+    scaled = d_out if inverse_total is None else d_out * inverse_total  # [T, H], not [T, S]
+    d_v = _contract_queries(scaled, weights)
+    d_probs = jnp.einsum("...th,...sh->...ts", scaled, v, preferred_element_type=f32)
+    row = (scaled * out.astype(f32)).sum(-1, keepdims=True)
+    d_logits = weights * (d_probs - row)  # of the scaled logits; the scale goes on d_q and d_k
     d_q = jnp.einsum("...ts,...sh->...th", d_logits, k, preferred_element_type=f32) * scale
     d_k = _contract_queries(q, d_logits) * scale
-    d_keep = None if keep is None else np.zeros(keep.shape, jax.dtypes.float0)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_keep
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+def _mask_cotangent(keep):
+    return None if keep is None else np.zeros(keep.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_block(q, k, v, keep, scale: float):
+    """softmax(q k^T * scale) v over the last two axes; q [..., T, H], k and v [..., S, H].
+
+    For query blocks of a long sequence: the backward recomputes the softmax from the saved
+    log-sum-exp instead of keeping it, so the blocked forward's memory bound holds in the
+    backward pass too. XLA's own gradient of the forward measured 1.6x slower on the CPU
+    (docs/benchmarks.md).
+    """
+    return _attention_block_fwd(q, k, v, keep, scale)[0].astype(q.dtype)
+
+
+def _attention_block_vjp_fwd(q, k, v, keep, scale):
+    out, _, peak, total = _attention_block_fwd(q, k, v, keep, scale)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, keep, out, peak + jnp.log(total))
+
+
+def _attention_block_vjp_bwd(scale, residuals, d_out):
+    q, k, v, keep, out, lse = residuals
+    probs = jnp.exp(_attention_logits(q, k, keep, scale) - lse)
+    return (*_attention_grads(scale, q, k, v, out, probs, None, d_out), _mask_cotangent(keep))
 
 
 _attention_block.defvjp(_attention_block_vjp_fwd, _attention_block_vjp_bwd)
+
+
+def _pair_cuts(pairs: int, parts: int) -> list[tuple[int, int]]:
+    cuts = np.linspace(0, pairs, min(parts, pairs) + 1).astype(int)
+    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention_kept(q, k, v, keep, scale: float, parts: int):
+    """`_attention_block` for sequences short enough to run whole, q [P, T, H] for P (batch,
+    head) pairs.
+
+    Differentiated, it keeps the softmax's numerator [P, T, S] for the backward (XLA kept the
+    logits for the recomputation anyway), so the backward takes no exponential and no second
+    logits product; and both passes run in `parts` groups of pairs, independent kernels that
+    XLA's CPU runtime runs on several threads at once, each over a smaller [T, S]. Run alone
+    (sampling), the forward is one group: there the groups were slower (docs/benchmarks.md,
+    session 22).
+    """
+    return _attention_block_fwd(q, k, v, keep, scale)[0].astype(q.dtype)
+
+
+def _attention_kept_vjp_fwd(q, k, v, keep, scale, parts):
+    outs, residuals = [], []
+    for i, j in _pair_cuts(q.shape[0], parts):
+        part_keep = None if keep is None else keep[i:j]
+        out, weights, _, total = _attention_block_fwd(q[i:j], k[i:j], v[i:j], part_keep, scale)
+        outs.append(out.astype(q.dtype))
+        residuals.append((q[i:j], k[i:j], v[i:j], outs[-1], weights, 1.0 / total))
+    return jnp.concatenate(outs), (keep, residuals)
+
+
+def _attention_kept_vjp_bwd(scale, parts, residuals, d_out):
+    keep, residuals = residuals
+    grads = [
+        _attention_grads(scale, *part, d_out[i:j])
+        for part, (i, j) in zip(residuals, _pair_cuts(d_out.shape[0], parts), strict=True)
+    ]
+    d_q, d_k, d_v = (jnp.concatenate([g[n] for g in grads]) for n in range(3))
+    return d_q, d_k, d_v, _mask_cotangent(keep)
+
+
+_attention_kept.defvjp(_attention_kept_vjp_fwd, _attention_kept_vjp_bwd)
 
 
 def _attention_cpu(q, k, v, mask, is_causal):
@@ -477,7 +539,7 @@ def _attention_cpu(q, k, v, mask, is_causal):
             if is_causal:
                 keep = keep & jnp.tril(jnp.ones((t, s), bool))
             keep = keep.reshape(b * n, t, s)
-        out = _attention_block(qh, kh, vh, keep, scale)
+        out = _attention_kept(qh, kh, vh, keep, scale, _CPU_ATTENTION_PARTS)
     else:
         blocks = -(-t // _CPU_QUERY_BLOCK)
         rows = -(-t // (8 * blocks)) * 8  # equal blocks: 1100 tokens are 2 of 552, not 2 of 1024
