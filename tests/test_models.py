@@ -323,17 +323,16 @@ def test_group_norm_gradient_of_16_bit_input_is_jaxs_of_the_two_pass_norm(shape)
     jax's gradient of the forward sums over every position and channel of a group."""
     from tolerances import assert_close
 
-    from jaxdiff.models.layers import GroupNorm, _group_norm_one_pass
+    from jaxdiff.models.layers import GroupNorm, _group_norm_one_pass, _two_pass
 
     rng = np.random.default_rng(1)
     c = shape[-1]
     x = jnp.asarray(1.0 + 2.0 * rng.standard_normal(shape), jnp.float32)
     scale, bias = (jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(2))
     weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    gn = GroupNorm(8, 1e-5)
 
-    def two_pass(x, scale, bias):
-        return gn.apply({"params": {"scale": scale, "bias": bias}}, x)
+    def two_pass(x, scale, bias):  # plain jax: its own derivative
+        return _two_pass(x, scale, bias, 8, 1e-5)[0]
 
     def one_pass(x, scale, bias):
         return _group_norm_one_pass(x, scale, bias, 8, 1e-5)
@@ -356,6 +355,62 @@ def test_group_norm_gradient_of_16_bit_input_is_jaxs_of_the_two_pass_norm(shape)
 
     # 64 positions a block; the scale's and bias's gradients add the batch's 2 sums.
     assert max(_sum_sizes(pull_back, params, x16, x16)) == 64
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 64), (3, 7, 5, 32), (2, 96, 256)])
+def test_group_norm_derivatives_of_float32_input_are_jaxs_of_the_two_pass_norm(shape):
+    """A float32 group norm's derivative is written out (`_group_norm_two_pass`): its output,
+    gradients and forward-mode derivatives are jax's of the plain two passes, and its gradient
+    sums full-size arrays over positions twice (sum(dy) and sum(dy * xhat) per channel) where
+    jax's transposed derivative sums them more often."""
+    from tolerances import assert_close
+
+    from jaxdiff.models.layers import GroupNorm, _two_pass
+
+    rng = np.random.default_rng(2)
+    c = shape[-1]
+    x, weights, tangent = (
+        jnp.asarray(1.0 + 2.0 * rng.standard_normal(shape), jnp.float32) for _ in range(3)
+    )
+    scale, bias, d_scale, d_bias = (
+        jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(4)
+    )
+    gn = GroupNorm(8, 1e-5)
+
+    def ours(x, scale, bias):
+        return gn.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+    def jaxs(x, scale, bias):
+        return _two_pass(x, scale, bias, 8, 1e-5)[0]
+
+    np.testing.assert_array_equal(
+        np.asarray(ours(x, scale, bias)), np.asarray(jaxs(x, scale, bias))
+    )
+
+    def loss(norm):
+        return lambda *args: jnp.sum(norm(*args) * weights)
+
+    got, want = (jax.grad(loss(f), (0, 1, 2))(x, scale, bias) for f in (ours, jaxs))
+    for name, a, b in zip(("x", "scale", "bias"), got, want, strict=True):
+        assert_close(a, b, f"gradient of {name}")
+    primals, tangents = (x, scale, bias), (tangent, d_scale, d_bias)
+    (y, dy), (y_ref, dy_ref) = (jax.jvp(f, primals, tangents) for f in (ours, jaxs))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    assert_close(dy, dy_ref, "forward-mode derivative")
+
+    def full_size_sums(norm):
+        def pull_back(x, scale, bias, cotangent):
+            return jax.vjp(norm, x, scale, bias)[1](cotangent)
+
+        return [
+            e.params["axes"]
+            for e, _ in _equations(pull_back, x, scale, bias, weights)
+            if e.primitive.name == "reduce_sum" and e.invars[0].aval.size == x.size
+        ]
+
+    # The forward's mean and variance over each group, then the two sums over positions.
+    assert full_size_sums(ours) == [(1, 3), (1, 3), (1,), (1,)]
+    assert len(full_size_sums(jaxs)) > 4
 
 
 @pytest.mark.parametrize("shape", [(8, 16, 96), (2, 77, 64), (3, 5, 7, 32)])

@@ -240,6 +240,50 @@ def _gn_bwd(groups, epsilon, residuals, dy):
 _group_norm_one_pass.defvjp(_gn_fwd, _gn_bwd)
 
 
+def _two_pass(x, scale, bias, groups: int, epsilon: float):
+    """GroupNorm of x [B, ..., C] with the variance from a second pass, and its xhat [B, P, G,
+    C/G] and 1/std [B, 1, G, 1]."""
+    c = x.shape[-1]
+    grouped = x.reshape(x.shape[0], -1, groups, c // groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True) + epsilon)
+    xhat = (grouped - mean) * rstd
+    return xhat.reshape(x.shape) * scale + bias, xhat, rstd
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _group_norm_two_pass(x, scale, bias, groups: int, epsilon: float):
+    """GroupNorm of a float32 x, with a derivative written so that its transpose, the gradient,
+    sums the cotangent over positions twice, sum(dy) and sum(dy * xhat) per channel, and takes
+    the scale's and bias's gradients from those sums too, as `_gn_bwd` does. jax's derivative of
+    the two passes transposed to more such sums and kernels: the group norm's gradient took
+    1.4-1.8x as long on the CPU (docs/benchmarks.md, session 22). A custom JVP, not VJP, so that
+    forward-mode derivatives still work."""
+    return _two_pass(x, scale, bias, groups, epsilon)[0]
+
+
+@_group_norm_two_pass.defjvp
+def _group_norm_two_pass_jvp(groups, epsilon, primals, tangents):
+    x, scale, bias = primals
+    dx, dscale, dbias = tangents
+    y, xhat, rstd = _two_pass(x, scale, bias, groups, epsilon)
+    shape = xhat.shape[2:]  # [G, C/G]
+    n = xhat.shape[1] * xhat.shape[3]
+    dx = dx.reshape(xhat.shape)
+
+    def group_mean(a):  # over positions, then the group's channels: sums per channel first
+        return a.sum(axis=1, keepdims=True).sum(axis=3, keepdims=True) / n
+
+    # The terms constant over positions are formed per (sample, channel) [B, 1, G, C/G] and
+    # broadcast once, so the transpose sums dy and dy * xhat over positions once each and
+    # reuses those sums for the bias, the scale and the means.
+    gain = scale.reshape(shape) * rstd
+    offset = dbias.reshape(shape) - gain * group_mean(dx)
+    slope = dscale.reshape(shape) - gain * group_mean(dx * xhat)
+    dy = gain * dx + offset + xhat * slope
+    return y, dy.reshape(y.shape)
+
+
 def _is_16_bit(x) -> bool:
     """Whether `x` is float16 or bfloat16: the GPU's compute dtypes, where the norms and sums
     below take their blocked paths; float32 (the CPU's, the parity tests') keeps jax's."""
@@ -326,7 +370,7 @@ class GroupNorm(nn.Module):
     already moved each output by up to 2e-3 mean/std (bfloat16): the input's rounding stays the
     larger error until mean/std is in the thousands. Its sums over positions go in blocks of
     rows (`_position_sums`), and its gradient is written out (`_gn_bwd`). A float32 input keeps
-    the two-pass form and jax's gradient of it.
+    the two-pass form, with a derivative written out (`_group_norm_two_pass`).
     """
 
     num_groups: int
@@ -338,15 +382,8 @@ class GroupNorm(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         scale, bias = _affine(self, c)
-        if _is_16_bit(x):
-            y = _group_norm_one_pass(x, scale, bias, self.num_groups, self.epsilon)
-            return y.astype(self.dtype)
-        grouped = x.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = grouped.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        y = y * scale + bias
-        return y.astype(self.dtype)
+        norm = _group_norm_one_pass if _is_16_bit(x) else _group_norm_two_pass
+        return norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
