@@ -286,7 +286,7 @@ def _group_norm_two_pass_jvp(groups, epsilon, primals, tangents):
 
 def _is_16_bit(x) -> bool:
     """Whether `x` is float16 or bfloat16: the GPU's compute dtypes, where the norms and sums
-    below take their blocked paths; float32 (the CPU's, the parity tests') keeps jax's."""
+    below take their blocked paths; float32 (the CPU's, the parity tests') sums without blocks."""
     return jnp.dtype(x.dtype).itemsize == 2
 
 
