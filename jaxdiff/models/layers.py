@@ -507,8 +507,10 @@ _attention_block.defvjp(_attention_block_vjp_fwd, _attention_block_vjp_bwd)
 
 
 def _pair_cuts(pairs: int, parts: int) -> list[tuple[int, int]]:
-    cuts = np.linspace(0, pairs, min(parts, pairs) + 1).astype(int)
-    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+    """`pairs` cut into `parts` (at most `pairs`) runs whose lengths differ by at most one."""
+    parts = min(parts, pairs)
+    cuts = [pairs * i // parts for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
