@@ -199,9 +199,10 @@ def _outputs(args) -> list:
 def _pipeline(args):
     import jax
 
-    from jaxdiff import compilation_cache
+    from jaxdiff import compilation_cache, cpu_tuning
     from jaxdiff.pipelines import load
 
+    cpu_tuning.configure_jax()
     compilation_cache.enable()
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     return load(args.model, dtype=dtype)

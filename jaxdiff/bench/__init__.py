@@ -24,8 +24,9 @@ and temporaries (jax) or the CUDA allocator's peak (torch); CPU torch gives none
 and `system_ms` are the process's minor page faults and system CPU time per timed call (where
 the `resource` module exists): what the kernel spends mapping fresh memory. Started as
 `jaxdiff bench` or `scripts/benchmark.py`, the process carries `jaxdiff.cpu_tuning`'s settings,
-as every `jaxdiff` command does (huge pages, the CPU XLA flags), and the peer in it shares them;
-the report's environment records `GLIBC_TUNABLES` and `XLA_FLAGS`.
+as every `jaxdiff` command does (huge pages, the kept heap, the CPU XLA flags), and the peer in
+it shares them; the report's environment records `GLIBC_TUNABLES`, `XLA_FLAGS` and
+`jax_cpu_enable_async_dispatch`.
 
 The max-batch rows search for the largest batch whose compiled program fits the device's
 memory (`bytes_limit` of the allocator, or `--memory-gib`, less what is already in use), then

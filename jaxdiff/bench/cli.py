@@ -113,6 +113,9 @@ def main(args: argparse.Namespace) -> dict | None:
     raise_memory_fraction(select_rows(args.rows, args.device_rows or "gpu"))
     import jax
 
+    from jaxdiff import cpu_tuning
+
+    cpu_tuning.configure_jax()
     if args.cache:  # the commands' own cache settings, so compile_s is what a user's run sees
         from jaxdiff import compilation_cache
 

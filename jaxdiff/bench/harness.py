@@ -563,6 +563,7 @@ def environment(ctx: Context) -> dict:
         "python": platform.python_version(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+        "jax_cpu_enable_async_dispatch": jax.config.values.get("jax_cpu_enable_async_dispatch"),
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         "runs": ctx.runs,
         "warmup": ctx.warmup,

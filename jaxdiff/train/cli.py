@@ -33,8 +33,9 @@ def cmd_train(args) -> None:
 
     maybe_initialize_distributed()
     # A second run of the same config, or a resume, loads the compiled step instead of compiling.
-    from jaxdiff import compilation_cache
+    from jaxdiff import compilation_cache, cpu_tuning
 
+    cpu_tuning.configure_jax()
     compilation_cache.enable()
     try:
         result = train(cfg, args.workdir, progress=not args.no_progress)
