@@ -16,10 +16,11 @@ process id, interpreter, flags and arguments) before anything else runs, where a
   `never` the tunable does nothing);
 - `GLIBC_TUNABLES` does not set `glibc.malloc.hugetlb` already (any value is respected).
 
-**A heap that keeps its memory** (CPU-only processes: `cpu_only`). Huge pages cut the faults,
-not the kernel's zeroing of every fresh page: the tiny train step's 99 MB of temporaries cost
-about 14 ms of system time a call. With `glibc.malloc.mmap_max=0` glibc serves large blocks from
-its heap instead of fresh mappings, and with a `glibc.malloc.trim_threshold` that is never
+**A heap that keeps its memory** (the same restart, on glibc 2.26 or later, where jax runs on
+the CPU alone: `cpu_only`; a user's value of either tunable keeps both out). Huge pages cut the
+faults, not the kernel's zeroing of every fresh page: the tiny train step's 99 MB of temporaries
+cost about 14 ms of system time a call. With `glibc.malloc.mmap_max=0` glibc serves large blocks
+from its heap instead of fresh mappings, and with a `glibc.malloc.trim_threshold` that is never
 reached it keeps freed memory for the next block: a call's temporaries reuse the last call's
 pages. Only the main thread's allocations come from that heap (other threads' arenas still map
 blocks over 64 MB afresh), so `configure_jax` has jax run CPU programs on the calling thread
