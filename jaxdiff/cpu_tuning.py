@@ -3,7 +3,7 @@
 is imported (`configure_jax`). Measured in docs/benchmarks.md, sessions 5 and 23;
 `JAXDIFF_CPU_TUNING=0` turns them all off.
 
-**Huge pages.** XLA's CPU runtime allocates each call's temporaries as one block (106 MB for the
+**Huge pages.** XLA's CPU runtime allocates each call's temporaries as one block (99 MB for the
 tiny train step) and frees it when the call ends. glibc serves a block that large from a fresh
 `mmap` and unmaps it on free, so every call faults in and zeroes every page again: about 26,000
 page faults per call. With glibc's `glibc.malloc.hugetlb=1` tunable, glibc asks the kernel for

@@ -222,6 +222,44 @@ def test_the_kept_heap_reuses_a_calls_temporaries():
     assert runs[True][0] <= 4 and runs[False][0] >= 64
 
 
+class _Reached(Exception):
+    """Raised where a command's work would begin."""
+
+
+@pytest.mark.parametrize(
+    "argv, work",
+    [
+        (["generate", "p", "--out", "{tmp}/o.png", "--no-progress"], "jaxdiff.pipelines.load"),
+        (["train", "{configs}/tiny.py", "--workdir", "{tmp}/run"], "jaxdiff.train.loop.train"),
+        (["bench", "--rows", "tiny-unet", "--no-compare"], "jaxdiff.bench.cli.run"),
+    ],
+)
+def test_the_commands_that_compute_configure_jax_before_their_work(
+    monkeypatch, tmp_path, argv, work
+):
+    """`configure_jax` must run before jax's CPU backend does any work: the image commands (one
+    `_pipeline` for all), `train` and `bench` call it before loading a model, training or
+    timing."""
+    from pathlib import Path
+
+    from jaxdiff.cli import main
+
+    calls = []
+
+    def reached(*args, **kwargs):
+        calls.append("work")
+        raise _Reached
+
+    monkeypatch.setattr(cpu_tuning, "configure_jax", lambda: calls.append("configure_jax"))
+    monkeypatch.setattr(work, reached)
+    for name in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_CLIENT_MEM_FRACTION"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after `bench` sets them
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(_Reached):
+        main([a.format(tmp=tmp_path, configs=configs) for a in argv])
+    assert calls == ["configure_jax", "work"]
+
+
 # ----------------------------------------------------------------------------- XLA flags
 
 
@@ -294,7 +332,8 @@ def test_cpu_xla_flags_are_accepted_and_keep_the_numbers(tmp_path):
 @needs_huge_pages
 def test_huge_pages_take_the_page_faults_off_the_train_step(tmp_path):
     """The effect itself, through `jaxdiff bench`: the tiny train step's page faults per call,
-    about 26,000 without the tunable (docs/benchmarks.md), a few hundred with it."""
+    about 26,000 without the tunables (docs/benchmarks.md), a few hundred with huge pages alone,
+    a handful with the kept heap too (where jax runs its programs on the calling thread)."""
     faults = {}
     for opt_out in (None, "0"):
         report = tmp_path / f"bench-{opt_out}.json"
@@ -307,6 +346,8 @@ def test_huge_pages_take_the_page_faults_off_the_train_step(tmp_path):
         tunables = doc["environment"]["GLIBC_TUNABLES"]
         heap = f":{HEAP}" if cpu_tuning.cpu_only(env) else ""
         assert (tunables == f"glibc.malloc.hugetlb=1{heap}") == (opt_out is None)
+        asynchronous = doc["environment"]["jax_cpu_enable_async_dispatch"]
+        assert asynchronous == (opt_out is not None or not heap)
         flags = doc["environment"]["XLA_FLAGS"]
         assert (cpu_tuning.CPU_XLA_FLAGS in flags) == (opt_out is None and XLA_FLAGS_APPLY)
         # Each step waited for, then 4 back to back: the first case's faults per call.
