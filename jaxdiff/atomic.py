@@ -16,6 +16,32 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+class DestinationError(ValueError):
+    """A destination that cannot be written, found before any work is done: one line naming the
+    path and the reason."""
+
+
+def check_destination(path, *, folder: bool = False) -> None:
+    """Raises `DestinationError` where `path` (a file, or with `folder` a folder) could not be
+    written by `write_file` or `new_folder`, or filled by a command that writes inside it: an
+    existing destination of the other kind, a parent that is a file, or a nearest existing
+    folder that this process may not write in. Call it before the work whose result goes there,
+    so a bad path costs nothing; the writers' own errors stay possible (a full disk)."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise DestinationError(f"{path}: is a folder, not a file")
+    if folder and path.exists() and not path.is_dir():
+        raise DestinationError(f"{path}: is a file, not a folder")
+    # The nearest existing ancestor: the writers create the missing folders below it.
+    nearest = path.absolute() if folder and path.is_dir() else path.absolute().parent
+    while not nearest.exists() and not nearest.is_symlink() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise DestinationError(f"{path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise DestinationError(f"{path}: cannot write in {nearest} (permission denied)")
+
+
 def _temporary(path: Path, make: Callable[[Path], None]) -> Path:
     """A new, unused name beside `path`, created by `make` (which fails if the name exists)."""
     for _ in range(100):

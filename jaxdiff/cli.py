@@ -57,6 +57,7 @@ def cmd_init(args) -> None:
     """A diffusers-format folder of a preset with random weights."""
     from jaxdiff.convert.diffusers import random_pipeline, save_pipeline
 
+    check_output(args.out, folder=True, force=args.force)
     weights = random_pipeline(args.preset, seed=args.seed)
     out = save_pipeline(weights, args.out, overwrite=args.force, dtype=_np_dtype(args.dtype))
     print(f"wrote {out}")
@@ -66,6 +67,7 @@ def cmd_convert(args) -> None:
     """Re-write a diffusers folder (fp16 variant, shards) as plain safetensors in a chosen dtype."""
     from jaxdiff.convert import load_pipeline, save_pipeline
 
+    check_output(args.out, folder=True, force=args.force)
     weights = load_pipeline(args.model, variant=args.variant)
     out = save_pipeline(weights, args.out, overwrite=args.force, dtype=_np_dtype(args.dtype))
     print(f"wrote {out}")
@@ -178,21 +180,42 @@ def _check_inputs(args) -> None:
             raise UsageError(f"--{name} {value}: no such file")
 
 
+def check_output(path, *, folder: bool = False, force: bool = True) -> None:
+    """A command's output checked before its work (`jaxdiff.atomic.check_destination`); with
+    `force` False an existing one is refused too."""
+    from pathlib import Path
+
+    from jaxdiff.atomic import DestinationError, check_destination
+
+    try:
+        check_destination(path, folder=folder)
+    except DestinationError as e:
+        raise UsageError(str(e)) from None
+    if not force and Path(path).exists():
+        raise UsageError(f"{path}: already exists (pass --force to replace it)")
+
+
 def _outputs(args) -> list:
+    import os
+    from pathlib import Path
+
     from jaxdiff.pipelines.images import output_paths
 
     suffix = "." + args.output_type
     out = args.out or f"out{suffix}"
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():  # not written as OUT.png beside it
+        example = Path(out) / f"out{suffix}"
+        raise UsageError(f"--out {out}: is a folder; give a file name, such as {example}")
     if args.output_type == "npy":
         paths = output_paths(out, 1, suffix)
     else:
         paths = output_paths(out, args.batch, suffix)
         if args.batch > 1:
             paths.append(paths[0].with_name(paths[0].name.rsplit("-", 1)[0] + "-grid.png"))
-    if not args.force:
-        for p in paths:
-            if p.exists():
-                raise UsageError(f"{p} already exists (pass --force to overwrite)")
+    for p in paths:
+        if not args.force and p.exists():
+            raise UsageError(f"{p} already exists (pass --force to overwrite)")
+        check_output(p)
     return paths
 
 

@@ -499,6 +499,50 @@ def test_run_writes_a_valid_report_and_survives_a_failing_row(tmp_path):
     assert table.count("\n") == 3  # header, rule, two rows
 
 
+def test_a_report_that_fails_to_write_leaves_the_last_one_whole(tmp_path):
+    """The report is rewritten after every row; a rewrite that fails (here a value JSON cannot
+    hold) leaves the last version as it was, not a truncated file."""
+    path = tmp_path / "out.json"
+    ctx = bench.Context(runs=1, warmup=0, log=lambda line: None)
+    bench.run(bench.select_rows(["one"], "cpu", FAKE_ROWS), ctx, str(path))
+    before = path.read_text()
+    unwritable = bench.Row(
+        "bad", "cpu", "", lambda c, n: [bench.Result(n, "c", "x", 1.0, [1.0], note=object())]
+    )
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        bench.run([unwritable], ctx, str(path))
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--json", "{tmp}"], "--json {tmp}: is a folder, not a file"),
+        (
+            ["--json", "{tmp}/a-file/report.json"],
+            "--json {tmp}/a-file/report.json: {tmp}/a-file is a file, not a folder",
+        ),
+        (["--cache", "{tmp}/a-file/cache"], "--cache: cannot create the folder {tmp}/a-file/cache"),
+        (["--torch-threads", "0"], "--torch-threads must be >= 1, got 0"),
+    ],
+)
+def test_the_benchmark_refuses_bad_outputs_before_it_runs(tmp_path, monkeypatch, argv, message):
+    """Checked before jax starts a row: a report or cache that cannot be written, or no torch
+    threads, would otherwise fail (or mislead) after minutes of timing."""
+    (tmp_path / "a-file").write_text("kept")
+    monkeypatch.setitem(bench.ROWS, "one", FAKE_ROWS["one"])
+    monkeypatch.setattr(bench.cli, "run", lambda *a, **k: pytest.fail("the rows ran"))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--rows", "one", *(a.format(tmp=tmp_path) for a in argv)])
+    with pytest.raises(ValueError) as e:
+        bench.main(args)
+    assert str(e.value) == message.format(tmp=tmp_path) or str(e.value).startswith(
+        message.format(tmp=tmp_path) + " ("
+    )
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
 def test_validate_rejects_a_broken_report():
     with pytest.raises(ValueError, match="schema"):
         bench.validate({"schema": "other"})

@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+from jaxdiff import atomic
 from jaxdiff.bench.harness import (
     XLA_FLAG_SETS,
     Context,
@@ -101,11 +102,19 @@ def main(args: argparse.Namespace) -> dict | None:
         raise ValueError("--runs must be >= 1 and --warmup >= 0")
     if args.memory_gib is not None and not (math.isfinite(args.memory_gib) and args.memory_gib > 0):
         raise ValueError(f"--memory-gib must be a number > 0, got {args.memory_gib}")
-    if args.profile:
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    if args.json:
         try:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--profile: cannot create the folder {args.profile} ({e})") from None
+            atomic.check_destination(args.json)
+        except atomic.DestinationError as e:
+            raise ValueError(f"--json {e}") from None
+    for flag, folder in (("--profile", args.profile), ("--cache", args.cache)):
+        if folder:  # the cache was asked for: running without it would time something else
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{flag}: cannot create the folder {folder} ({e})") from None
     os.environ["XLA_FLAGS"] = with_xla_flag_sets(os.environ.get("XLA_FLAGS", ""), args.xla_flags)
     # jax must not take most of the GPU's memory up front: the torch peer shares the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -17,6 +17,9 @@ import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
+
+from jaxdiff import atomic
 
 SCHEMA = "jaxdiff-bench/2"  # /2: results have `max_batch`, `page_faults`, `system_ms`
 
@@ -658,10 +661,16 @@ class Row:
     mem_fraction: float | None = None  # of the GPU for jax's pool, where only such rows run
 
 
+def _write_report(path, doc: dict) -> None:
+    text = json.dumps(doc, indent=1)
+    atomic.write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def run(rows: list[Row], ctx: Context, json_path: str | None = None) -> dict:
     """Run `rows` in order; a row that fails is reported and the others go on.
 
-    The JSON report is rewritten after every row, so a run cut short keeps what it measured.
+    The JSON report is rewritten after every row, so a run cut short keeps what it measured;
+    each version replaces the last whole (`jaxdiff.atomic.write_file`), never half-written.
     """
     env = environment(ctx)
     results: list[Result] = []
@@ -685,6 +694,5 @@ def run(rows: list[Row], ctx: Context, json_path: str | None = None) -> dict:
         env["load_average_end"] = list(os.getloadavg())
         doc = report(env, results, errors)
         if json_path:
-            with open(json_path, "w") as f:
-                json.dump(doc, f, indent=1)
+            _write_report(json_path, doc)
     return report(env, results, errors)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxdiff.cli import UsageError
+from jaxdiff.cli import UsageError, check_output
 
 
 def cmd_make_shapes(args) -> None:
@@ -33,6 +33,7 @@ def cmd_make_shapes(args) -> None:
         raise UsageError(
             f"make-shapes: --two-object-fraction must be in [0, 1]: {args.two_object_fraction}"
         )
+    check_output(args.out, folder=True)  # write_dataset refuses a non-empty one itself
     try:
         out = write_dataset(
             args.out,
@@ -73,6 +74,8 @@ def cmd_eval_shapes(args) -> None:
         raise UsageError(f"eval-shapes: --steps must be at least 1, not {args.steps}")
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"eval-shapes: {args.model}: not a folder")
+    if args.worst:
+        check_output(args.worst)
     if args.reference:
         generate_fn = reference_generate_fn()
     elif args.vae_reconstruction:

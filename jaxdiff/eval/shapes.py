@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdiff import atomic
 from jaxdiff.data.shapes import (
     ANCHORS,
     COLORS,
@@ -585,6 +586,5 @@ def save_worst_grid(report: Report, path, *, columns: int = 4, cell: int = 128) 
                 (x + pad, y + cell + 2 * pad + i * line_height), line, fill="black", font=font
             )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    atomic.write_file(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path

@@ -11,7 +11,7 @@ import sys
 
 def cmd_train(args) -> None:
     """Train from a config file; resumes when the work directory holds a checkpoint."""
-    from jaxdiff.cli import UsageError
+    from jaxdiff.cli import UsageError, check_output
     from jaxdiff.train.config import ConfigError, load_config
     from jaxdiff.train.data import DataError
 
@@ -27,6 +27,7 @@ def cmd_train(args) -> None:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    check_output(args.workdir, folder=True)  # resumed where it holds a checkpoint
 
     # Before any other JAX work: joins the other processes of a multi-host run.
     from jaxdiff.train.loop import maybe_initialize_distributed, train
@@ -49,10 +50,11 @@ def cmd_train(args) -> None:
 
 def cmd_export(args) -> None:
     """Write a training run's model as a diffusers-format folder."""
-    from jaxdiff.cli import UsageError
+    from jaxdiff.cli import UsageError, check_output
     from jaxdiff.train.config import ConfigError
     from jaxdiff.train.loop import export
 
+    check_output(args.out, folder=True, force=args.force)
     try:
         out = export(
             args.workdir, args.out, use_ema=not args.no_ema, step=args.step, overwrite=args.force

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxdiff import atomic
 from jaxdiff import sharding as shd
 from jaxdiff.checkpoint import Checkpointer, NonFiniteError
 from jaxdiff.train import state as st
@@ -257,8 +258,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> Pat
     for i, img in enumerate(images):
         r, c = divmod(i, columns)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    atomic.write_file(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return path
 
 
@@ -434,8 +434,8 @@ def train(
     dataset = ImageCaptionFolder.scan(cfg.data_dir)
     run = prepare(cfg, mesh)
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json())
+        text = cfg.to_json()  # a resume and `export` read it: never half-written
+        atomic.write_file(workdir / "config.json", lambda tmp: Path(tmp).write_text(text))
     ckpt = Checkpointer(
         workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
     )
