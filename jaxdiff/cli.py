@@ -162,10 +162,14 @@ def _check_inputs(args) -> None:
     """Input checks that need no model, done before anything is loaded or written."""
     from pathlib import Path
 
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    from jaxdiff.pipelines.stable_diffusion import PipelineInputError, check_settings
+
+    names = ("steps", "batch", "width", "height", "seed", "to_seed", "guidance")
+    names += ("guidance_rescale", "eta", "clip_skip")
+    try:
+        check_settings(flags=True, **{k: getattr(args, k, None) for k in names})
+    except PipelineInputError as e:
+        raise UsageError(str(e)) from None
     if args.sampler is not None:
         from jaxdiff.samplers import SAMPLERS
 
@@ -314,6 +318,8 @@ def cmd_interpolate(args) -> None:
             args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames, **kw
         )
 
+    if args.frames < 2:
+        raise UsageError(f"--frames must be >= 2, got {args.frames}")
     args.batch = args.frames
     _run_generation(args, call)
 

@@ -103,6 +103,30 @@ def test_lower_gives_the_program_without_running_it(pipe):
         pipe.lower("a cat", steps=0)
 
 
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"width": 0}, "width must be >= 1, got 0"),
+        ({"height": -8}, "height must be >= 1, got -8"),
+        ({"guidance": float("inf")}, "guidance must be a finite number, got inf"),
+        ({"eta": float("nan")}, "eta must be a finite number, got nan"),
+        ({"guidance_rescale": -0.5}, "guidance_rescale must be >= 0, got -0.5"),
+        ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
+        ({"seed": 2**32 - 2, "batch": 3}, r"\[0, 4294967293\] for a batch of 3, got 4294967294"),
+    ],
+)
+def test_the_python_api_refuses_settings_out_of_range(pipe, kw, message):
+    """The same checks as the command's, for callers of the library, before anything runs."""
+    from jaxdiff.pipelines.stable_diffusion import PipelineInputError
+
+    before = _denoise_jit._cache_size()
+    with pytest.raises(PipelineInputError, match=message):
+        pipe.generate("a cat", **{**KW, **kw})
+    with pytest.raises(PipelineInputError, match="to_seed must be in"):
+        pipe.interpolate("a cat", to_seed=2**32, frames=2, **KW)
+    assert _denoise_jit._cache_size() == before
+
+
 def test_bfloat16_pipeline_stores_its_weights_in_bfloat16(weights, pipe):
     """A 16-bit pipeline keeps its parameters in that dtype (half the memory, no per-call cast)
     and its images stay within bfloat16's error of the float32 pipeline's."""
@@ -404,12 +428,30 @@ def test_cli_writes_pngs_with_parameters_and_a_grid(tmp_path, model_dir):
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--sigmas", "weird"], "invalid choice: 'weird'"),
+        # Before these were checked, 0 gave the default size, -16 a traceback.
+        (["--width", "-16"], "--width must be >= 1, got -16"),
+        (["--height", "0"], "--height must be >= 1, got 0"),
+        # nan and inf gave a black or noisy image without a word.
+        (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+        (["--guidance-rescale", "inf"], "--guidance-rescale must be a finite number, got inf"),
+        (["--eta", "-1"], "--eta must be >= 0, got -1.0"),
+        (["--clip-skip", "-1"], "--clip-skip must be >= 0, got -1"),
+        # -1 was a traceback; 2**32 the image of seed 0 labelled 4294967296.
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
+        (
+            ["--seed", "4294967295", "--batch", "2"],
+            "--seed must be in [0, 4294967294] for a batch of 2, got 4294967295",
+        ),
+        (["interpolate", "--frames", "-3"], "--frames must be >= 2, got -3"),
+        (["interpolate", "--to-seed", "-3"], "--to-seed must be in [0, 4294967295], got -3"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, extra, message):
     out = tmp_path / "x.png"
+    command, extra = (extra[0], extra[1:]) if extra[0] == "interpolate" else ("generate", extra)
     code = main(
-        ["generate", "p", "--model", str(model_dir), "--out", str(out), "--no-progress", *extra]
+        [command, "p", "--model", str(model_dir), "--out", str(out), "--no-progress", *extra]
     )
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err

@@ -17,6 +17,7 @@ size or the device count: re-running one image alone with `seed + i` gives it ag
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,41 @@ SAMPLER_OF_SCHEDULER = {
 
 class PipelineInputError(ValueError):
     """Bad input to a pipeline (a size, a strength, a mask); the message says which."""
+
+
+MAX_SEED = 2**32 - 1  # seeds are uint32 (image i of a batch: seed + i)
+
+
+def check_settings(*, flags: bool = False, **settings) -> None:
+    """Raises PipelineInputError for a sampling setting out of its range; settings that are
+    None or not given are not checked:
+
+    - `steps`, `batch`, `width`, `height`: >= 1;
+    - `guidance`, `guidance_rescale`, `eta`: finite, the last two >= 0; `clip_skip` >= 0;
+    - `seed` (with `batch`: every image's seed + i a uint32, none wrapped onto another image's)
+      and interpolation's `to_seed`: in [0, 2**32 - 1].
+
+    With `flags`, names are written as the command's flags (`--clip-skip`): the `jaxdiff`
+    command checks them before it loads a model."""
+
+    def fail(key, rule):
+        name = "--" + key.replace("_", "-") if flags else key
+        raise PipelineInputError(f"{name} must be {rule}, got {settings[key]}")
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    for key in ("steps", "batch", "width", "height"):
+        if key in given and given[key] < 1:
+            fail(key, ">= 1")
+    for key in ("guidance", "guidance_rescale", "eta"):
+        if key in given and not math.isfinite(given[key]):
+            fail(key, "a finite number")
+    for key in ("guidance_rescale", "eta", "clip_skip"):
+        if key in given and given[key] < 0:
+            fail(key, ">= 0")
+    for key, images in (("seed", given.get("batch", 1)), ("to_seed", 1)):
+        last = MAX_SEED - images + 1
+        if key in given and not 0 <= given[key] <= last:
+            fail(key, f"in [0, {last}]" + (f" for a batch of {images}" if images > 1 else ""))
 
 
 # ----------------------------------------------------------------------------- the jitted core
@@ -448,6 +484,7 @@ class StableDiffusion:
         if frames < 2:
             raise PipelineInputError(f"frames must be >= 2, got {frames}")
         to_seed = seed + 1 if to_seed is None else to_seed
+        check_settings(seed=seed, to_seed=to_seed, width=kw.get("width"), height=kw.get("height"))
         to_prompt = prompt if to_prompt is None else to_prompt
         f = self.factor
         height = kw.pop("height", None) or self.native_size
@@ -548,18 +585,23 @@ class StableDiffusion:
         else:
             prompts = list(prompt)
         b = len(prompts)
-        if b < 1:
-            raise PipelineInputError("batch must be >= 1")
+        check_settings(
+            steps=steps,
+            batch=b,
+            width=width,
+            height=height,
+            seed=seed,
+            guidance=guidance,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            clip_skip=clip_skip,
+        )
         guidance = (5.0 if self.family == "sdxl" else 7.5) if guidance is None else float(guidance)
         sampler = sampler or self.default_sampler
         if sampler not in samplers.SAMPLERS:
             raise PipelineInputError(
                 f"unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}"
             )
-        if steps < 1:
-            raise PipelineInputError(f"steps must be >= 1, got {steps}")
-        if clip_skip is not None and clip_skip < 0:
-            raise PipelineInputError(f"clip_skip must be >= 0, got {clip_skip}")
 
         inputs: dict[str, Any] = {}
         if image is not None:
