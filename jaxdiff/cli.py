@@ -17,6 +17,21 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
+MAX_SEED = 2**32 - 1  # jaxdiff.pipelines.stable_diffusion.MAX_SEED, without importing jax
+
+
+def seed_arg(text: str) -> int:
+    """argparse's type for a seed: an integer in [0, 2**32 - 1] (numpy's and jaxdiff's
+    generators take no negative seed; larger ones would wrap onto smaller ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         command = self.prog.removeprefix("jaxdiff").strip()
@@ -97,7 +112,7 @@ def _add_generation_flags(s, *, image: bool = False) -> None:
     s.add_argument("--sigmas", choices=["default", "karras", "exponential"], default=None)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
     s.add_argument("--clip-skip", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    s.add_argument("--seed", type=seed_arg, default=0, help="image i of a batch uses seed + i")
     if not image:
         s.add_argument("--width", type=int, default=None)
         s.add_argument("--height", type=int, default=None)
@@ -350,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("preset", choices=list(PRESETS))
     s.add_argument("out", help="the folder to create")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_arg, default=0)
     s.add_argument("--dtype", choices=["float32", "float16"], default=None)
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=cmd_init)
@@ -402,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--to-prompt", default=None, help="the prompt of the last frame (default: PROMPT)"
     )
     s.add_argument(
-        "--to-seed", type=int, default=None, help="the seed of the last frame (default: --seed + 1)"
+        "--to-seed",
+        type=seed_arg,
+        default=None,
+        help="the seed of the last frame (default: --seed + 1)",
     )
     s.add_argument("--frames", type=int, default=8)
     s.set_defaults(fn=cmd_interpolate)

@@ -437,14 +437,14 @@ def test_cli_writes_pngs_with_parameters_and_a_grid(tmp_path, model_dir):
         (["--eta", "-1"], "--eta must be >= 0, got -1.0"),
         (["--clip-skip", "-1"], "--clip-skip must be >= 0, got -1"),
         # -1 was a traceback; 2**32 the image of seed 0 labelled 4294967296.
-        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
-        (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
+        (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
+        (["--seed", "4294967296"], "--seed: must be in [0, 4294967295], got 4294967296"),
         (
             ["--seed", "4294967295", "--batch", "2"],
             "--seed must be in [0, 4294967294] for a batch of 2, got 4294967295",
         ),
         (["interpolate", "--frames", "-3"], "--frames must be >= 2, got -3"),
-        (["interpolate", "--to-seed", "-3"], "--to-seed must be in [0, 4294967295], got -3"),
+        (["interpolate", "--to-seed", "-3"], "--to-seed: must be in [0, 4294967295], got -3"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, extra, message):
@@ -455,6 +455,32 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, capsy
     )
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["init", "tiny", "OUT", "--seed", "-1"],
+        ["make-shapes", "OUT", "--seed", "-1"],
+        ["eval-shapes", "--reference", "--seed", "-1"],
+        ["train", "configs/tiny.py", "--workdir", "OUT", "--seed", "-1"],
+        ["generate", "p", "--seed", "x1"],
+    ],
+)
+def test_every_seed_flag_takes_a_uint32_and_says_so_in_one_line(tmp_path, capsys, argv):
+    """A negative seed reached numpy's generators as a traceback (init, make-shapes,
+    eval-shapes, train) or wrapped (generate); now argparse refuses it first."""
+    from jaxdiff import cli
+    from jaxdiff.pipelines.stable_diffusion import MAX_SEED
+
+    assert cli.MAX_SEED == MAX_SEED == 2**32 - 1
+    assert main([str(tmp_path / "out") if a == "OUT" else a for a in argv]) == 2
+    err = capsys.readouterr().err
+    expected = (
+        "invalid int value: 'x1'" if argv[-1] == "x1" else "must be in [0, 4294967295], got -1"
+    )
+    assert err.count("\n") == 1 and f"argument --seed: {expected}" in err, err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -488,6 +488,8 @@ def test_cli_eval_shapes(tmp_path, capsys):
         run("eval-shapes", "--reference", "--n", 0)
     with pytest.raises(UsageError, match="--steps"):
         run("eval-shapes", "--model", tmp_path, "--steps", 0)
+    with pytest.raises(UsageError, match="eval-shapes: --guidance must be a finite number"):
+        run("eval-shapes", "--model", tmp_path, "--guidance", "nan")  # was a traceback
     with pytest.raises(UsageError, match="not a folder"):
         run("eval-shapes", "--model", tmp_path / "missing")
     with pytest.raises(UsageError, match="unknown sampler 'nope'"):

@@ -175,6 +175,30 @@ def test_overrides_are_typed():
             apply_overrides(TrainConfig(), [bad])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # A nan or inf diverged at step 1, after compiling, as a traceback.
+        ("learning_rate=nan", "learning_rate=nan must be a finite number"),
+        ("ema_decay=inf", "ema_decay=inf is not in [0, 1)"),
+        ("offset_noise=inf", "offset_noise=inf must be a finite number"),
+        ("learning_rate=-1e-4", "learning_rate=-0.0001 must be >= 0"),
+        ("grad_clip=-1", "grad_clip=-1.0 must be >= 0"),
+        ("warmup_steps=-5", "warmup_steps=-5 must be >= 0"),
+        ("adam_b2=1", "adam_b2=1.0 is not in [0, 1)"),
+        ("min_lr_ratio=1.5", "min_lr_ratio=1.5 is not in [0, 1]"),
+        ("resolution=0", "resolution=0 must be at least 1"),
+        # -1 was a traceback from numpy's generator, after the work directory was made.
+        ("seed=-1", "seed=-1 must be in [0, 4294967295]"),
+        ("seed=4294967296", "seed=4294967296 must be in [0, 4294967295]"),
+    ],
+)
+def test_a_config_value_out_of_range_is_refused(override, message):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), [override])
+    assert message in str(e.value)
+
+
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     from jaxdiff.train.cli import main
 
@@ -188,6 +212,29 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("jaxdiff: error: ") for line in err)
     assert "model is not set" in err[-1] and not (tmp_path / "run").exists()
+
+
+def test_cli_a_run_that_diverges_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """The loop's NonFiniteError (its message names the step and the last good checkpoint) is
+    the command's one line, not a traceback."""
+    from jaxdiff.train import loop
+    from jaxdiff.train.cli import main
+
+    message = "step 3: the loss is nan; stopped. The last checkpoint (step 2) holds finite weights."
+
+    def diverged(*args, **kwargs):
+        raise NonFiniteError(message)
+
+    monkeypatch.setattr(loop, "train", diverged)
+    data = write_toy_dataset(tmp_path / "data", count=2, size=16)
+    config = REPO / "configs" / "tiny.py"
+    assert (
+        main(
+            ["train", str(config), "--workdir", str(tmp_path / "run"), "--set", f"data_dir={data}"]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == f"jaxdiff: error: {message}\n"
 
 
 # ----------------------------------------------------------------------------- checkpoints

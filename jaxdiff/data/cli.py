@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxdiff.cli import UsageError, check_output
+from jaxdiff.cli import UsageError, check_output, seed_arg
 
 
 def cmd_make_shapes(args) -> None:
@@ -70,8 +70,12 @@ def cmd_eval_shapes(args) -> None:
         flags = ", ".join(f"--{k}" for k in sampling)
         mode = "--reference" if args.reference else "--vae-reconstruction"
         raise UsageError(f"eval-shapes: {flags} set a model's sampling; not with {mode}")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"eval-shapes: --steps must be at least 1, not {args.steps}")
+    from jaxdiff.pipelines.stable_diffusion import PipelineInputError, check_settings
+
+    try:  # before a model loads
+        check_settings(flags=True, steps=args.steps, guidance=args.guidance)
+    except PipelineInputError as e:
+        raise UsageError(f"eval-shapes: {e}") from None
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"eval-shapes: {args.model}: not a folder")
     if args.worst:
@@ -100,7 +104,7 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("make-shapes", help="write the procedural shapes dataset")
     s.add_argument("out", help="the folder to create")
     s.add_argument("--n", type=int, default=10000, help="number of images")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_arg, default=0)
     s.add_argument("--size", type=int, default=64, help="image width and height in pixels")
     s.add_argument("--two-object-fraction", type=float, default=0.5)
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -121,7 +125,7 @@ def register(subparsers) -> None:
         help="score exact renderings after a round trip through the model's VAE (its ceiling)",
     )
     s.add_argument("--n", type=int, default=200, help="number of prompts")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_arg, default=0)
     s.add_argument("--worst", default=None, help="write the worst cases as a PNG grid here")
     s.add_argument("--steps", type=int, default=None, help="default: jaxdiff generate's")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (as jaxdiff generate)")

@@ -11,6 +11,7 @@ import sys
 
 def cmd_train(args) -> None:
     """Train from a config file; resumes when the work directory holds a checkpoint."""
+    from jaxdiff.checkpoint import NonFiniteError
     from jaxdiff.cli import UsageError, check_output
     from jaxdiff.train.config import ConfigError, load_config
     from jaxdiff.train.data import DataError
@@ -40,7 +41,7 @@ def cmd_train(args) -> None:
     compilation_cache.enable()
     try:
         result = train(cfg, args.workdir, progress=not args.no_progress)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, NonFiniteError) as e:
         raise UsageError(str(e)) from None
     if result.losses:
         print(f"step {result.final_step}: loss {result.losses[-1]:.4f}; workdir {result.workdir}")
@@ -66,12 +67,14 @@ def cmd_export(args) -> None:
 
 def register(subparsers) -> None:
     """Adds `train` and `export` to the `jaxdiff` command's subparsers."""
+    from jaxdiff.cli import seed_arg
+
     s = subparsers.add_parser("train", help="train a model from a config file in configs/")
     s.add_argument("config", help="a Python config file (configs/tiny.py)")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
     s.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     s.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval")
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--seed", type=seed_arg, default=None)
     s.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
     )

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -29,6 +30,20 @@ TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later")
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message is one line."""
+
+
+# Fields that are off at 0 or count something: never negative.
+NON_NEGATIVE = (
+    "learning_rate",
+    "weight_decay",
+    "adam_eps",
+    "grad_clip",
+    "min_snr_gamma",
+    "offset_noise",
+    "kl_weight",
+    "warmup_steps",
+    "sample_every",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +162,24 @@ class TrainConfig:
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("resolution", "sample_steps", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        # A nan or inf learning rate (or any other) diverged at the first step, after compiling.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value} must be a finite number")
+        for name in NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} is not in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} is not in [0, 1]")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"seed={self.seed} must be in [0, {2**32 - 1}]")
 
     @property
     def micro_batch_size(self) -> int:
