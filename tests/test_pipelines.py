@@ -103,6 +103,20 @@ def test_lower_gives_the_program_without_running_it(pipe):
         pipe.lower("a cat", steps=0)
 
 
+def test_latents_that_are_not_an_npy_file_are_named_as_such(pipe, tmp_path):
+    """numpy reads a file without its header as a pickle, and refused that: the message spoke
+    of pickled data. An .npz archive is no single array either."""
+    from jaxdiff.pipelines.stable_diffusion import PipelineInputError
+
+    (tmp_path / "noise.bin").write_bytes(b"\x00" * 64)
+    np.savez(tmp_path / "noise.npz", x=np.zeros((1, 4, 16, 16), np.float32))
+    for name in ("noise.bin", "noise.npz"):
+        with pytest.raises(
+            PipelineInputError, match="not a readable .npy file .no NumPy .npy head"
+        ):
+            pipe.generate("a cat", latents=str(tmp_path / name), **KW)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [

@@ -649,6 +649,9 @@ class StableDiffusion:
         if latents is not None:
             if isinstance(latents, (str, Path)):
                 try:
+                    with open(latents, "rb") as fh:  # else numpy reports a pickle it refused
+                        if fh.read(6) != b"\x93NUMPY":
+                            raise ValueError("no NumPy .npy header; write one with numpy.save")
                     latents = np.load(latents)  # never unpickles (allow_pickle=False)
                 except (OSError, ValueError) as e:
                     raise PipelineInputError(f"{latents}: not a readable .npy file ({e})") from None
