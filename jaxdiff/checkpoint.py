@@ -16,6 +16,10 @@ Importing pretrained weights is `jaxdiff.convert`, not this module.
 
 from __future__ import annotations
 
+import gc
+import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,30 @@ def _all_finite(tree) -> jax.Array:
 def all_finite(tree) -> bool:
     """Whether every floating-point array of `tree` is finite."""
     return bool(_all_finite(tree))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is there but cannot be restored (damaged files, or a state of other
+    shapes than the run's): one line naming it and orbax's reason."""
+
+
+def _is_read_echo(error: BaseException | None) -> bool:
+    """An echo of a checkpoint read that failed already (see `Checkpointer._read`)."""
+    text = str(error)
+    return (isinstance(error, RuntimeError) and text == "Event loop is closed") or text.startswith(
+        "Encountered error while reading array index"
+    )
+
+
+def _dropping_read_echoes(previous):
+    """An unraisable-exception hook that drops what `_is_read_echo` names and hands the rest to
+    `previous`."""
+
+    def hook(unraisable):
+        if not _is_read_echo(unraisable.exc_value):
+            previous(unraisable)
+
+    return hook
 
 
 class Checkpointer:
@@ -100,14 +128,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
         )
+        restored = self._read(step, lambda: self._manager.restore(step, args=args))
         state = relayout(restored.state, abstract_state)
         return state, dict(restored.data), dict(restored.config)
 
@@ -116,17 +142,54 @@ class Checkpointer:
         place of the array: what it holds, read without the arrays."""
         if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}")
-        return self._manager.item_metadata(step)["state"].tree
+        return self._read(step, lambda: self._manager.item_metadata(step)["state"].tree)
 
     def read_config(self, step: int | None = None) -> dict:
         """The config saved with checkpoint `step` (default: the latest), without the arrays."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        )
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        restored = self._read(step, lambda: self._manager.restore(step, args=args))
         return dict(restored.config)
+
+    def _read(self, step: int, read: Callable[[], Any]) -> Any:
+        """`read()` of checkpoint `step`; orbax's failure as one CheckpointError that names the
+        checkpoint before it (moved aside, a damaged checkpoint leaves that one the latest)."""
+        # Reads still in flight when one fails report to orbax's closed event loop from
+        # tensorstore's threads, as unraisable exceptions, during the failure and after it:
+        # dropped while reading, and after a failure for good (the error below names it).
+        previous = sys.unraisablehook
+        sys.unraisablehook = _dropping_read_echoes(previous)
+        try:
+            value = read()
+        except Exception as e:
+            cause = e  # orbax wraps tensorstore's error, which names the file
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            reason = next((ln for ln in str(cause).splitlines() if ln.strip()), "")
+            earlier = [s for s in self.all_steps() if s < step]
+            hint = f"; the checkpoint before it is step {max(earlier)}" if earlier else ""
+            if "stored shape" in reason:  # not damaged: a state of another shape asked for
+                hint = "; its arrays have other shapes than this run's (another model config?)"
+            error = CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be restored "
+                f"({type(cause).__name__}: {reason.strip()[:300]}){hint}"
+            )
+        else:
+            sys.unraisablehook = previous
+            return value
+        # orbax read the arrays in concurrent tasks; those that failed after the first would each
+        # be logged in full ("Task exception was never retrieved", hundreds of lines) when
+        # collected. Collected here, with the failure above standing for them all.
+        quiet = logging.getLogger("asyncio")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            gc.collect()
+        finally:
+            quiet.setLevel(level)
+        raise error
 
     def wait(self) -> None:
         """Blocks until a background save is complete."""

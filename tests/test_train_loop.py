@@ -15,7 +15,7 @@ import pytest
 from cache_entries import entries, programs, recompiled
 from tolerances import assert_close
 
-from jaxdiff.checkpoint import Checkpointer, NonFiniteError
+from jaxdiff.checkpoint import Checkpointer, CheckpointError, NonFiniteError
 from jaxdiff.train.config import ConfigError, TrainConfig, apply_overrides, load_config
 from jaxdiff.train.data import CorruptImageWarning, ImageCaptionFolder, Stream, write_toy_dataset
 
@@ -214,30 +214,70 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     assert "model is not set" in err[-1] and not (tmp_path / "run").exists()
 
 
-def test_cli_a_run_that_diverges_stops_with_one_line(tmp_path, capsys, monkeypatch):
-    """The loop's NonFiniteError (its message names the step and the last good checkpoint) is
-    the command's one line, not a traceback."""
+@pytest.mark.parametrize(
+    "command, error",
+    [
+        ("train", NonFiniteError("step 3: the loss is nan; stopped. The last checkpoint (step 2)")),
+        ("train", CheckpointError("checkpoint run/checkpoints/2 cannot be restored (...)")),
+        ("export", CheckpointError("checkpoint run/checkpoints/2 cannot be restored (...)")),
+    ],
+)
+def test_cli_a_run_that_diverges_or_a_damaged_checkpoint_is_one_line(
+    tmp_path, capsys, monkeypatch, command, error
+):
+    """The loop's NonFiniteError (naming the step and the last good checkpoint) and a
+    checkpoint that cannot be restored are the command's one line, not a traceback."""
     from jaxdiff.train import loop
     from jaxdiff.train.cli import main
 
-    message = "step 3: the loss is nan; stopped. The last checkpoint (step 2) holds finite weights."
+    def fails(*args, **kwargs):
+        raise error
 
-    def diverged(*args, **kwargs):
-        raise NonFiniteError(message)
-
-    monkeypatch.setattr(loop, "train", diverged)
+    monkeypatch.setattr(loop, command, fails)
     data = write_toy_dataset(tmp_path / "data", count=2, size=16)
-    config = REPO / "configs" / "tiny.py"
-    assert (
-        main(
-            ["train", str(config), "--workdir", str(tmp_path / "run"), "--set", f"data_dir={data}"]
-        )
-        == 2
-    )
-    assert capsys.readouterr().err == f"jaxdiff: error: {message}\n"
+    run = str(tmp_path / "run")
+    if command == "train":
+        config = str(REPO / "configs" / "tiny.py")
+        argv = ["train", config, "--workdir", run, "--set", f"data_dir={data}"]
+    else:
+        argv = ["export", run, str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"jaxdiff: error: {error}\n"
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_it_and_the_one_before(tmp_path):
+    """Truncated array files (a disk that lost them) failed as orbax's traceback, followed by
+    hundreds of lines from its concurrent reads; now one CheckpointError, and the reads still in
+    flight are not reported on their own."""
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
+    state = {f"w{i}": jax.numpy.full((64, 64), float(i)) for i in range(24)}
+    for step in (1, 2):
+        ckpt.save(step, state, data={"position": step}, config={"a": step})
+    ckpt.wait()
+    for f in (tmp_path / "2" / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:20])
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    reported = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = reported.append
+    try:
+        with pytest.raises(CheckpointError) as e:
+            ckpt.restore(2, abstract)
+        time.sleep(0.5)  # the reads still in flight finish
+        message = str(e.value)
+        assert message.startswith(f"checkpoint {tmp_path / '2'} cannot be restored (ValueError: ")
+        assert message.endswith("; the checkpoint before it is step 1") and "\n" not in message
+        assert [u.exc_value for u in reported] == []
+        restored, data, _ = ckpt.restore(1, abstract)  # the one before is whole
+        assert data == {"position": 1} and float(restored["w5"][0, 0]) == 5.0
+    finally:
+        sys.unraisablehook = previous
+    (tmp_path / "1" / "config" / "metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*1 cannot be restored \(JSONDecodeE"):
+        ckpt.read_config(1)
 
 
 def test_checkpoint_round_trip_and_refuses_non_finite(tmp_path):

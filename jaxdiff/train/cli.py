@@ -11,7 +11,7 @@ import sys
 
 def cmd_train(args) -> None:
     """Train from a config file; resumes when the work directory holds a checkpoint."""
-    from jaxdiff.checkpoint import NonFiniteError
+    from jaxdiff.checkpoint import CheckpointError, NonFiniteError
     from jaxdiff.cli import UsageError, check_output
     from jaxdiff.train.config import ConfigError, load_config
     from jaxdiff.train.data import DataError
@@ -41,7 +41,7 @@ def cmd_train(args) -> None:
     compilation_cache.enable()
     try:
         result = train(cfg, args.workdir, progress=not args.no_progress)
-    except (ConfigError, DataError, NonFiniteError) as e:
+    except (ConfigError, DataError, NonFiniteError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     if result.losses:
         print(f"step {result.final_step}: loss {result.losses[-1]:.4f}; workdir {result.workdir}")
@@ -51,6 +51,7 @@ def cmd_train(args) -> None:
 
 def cmd_export(args) -> None:
     """Write a training run's model as a diffusers-format folder."""
+    from jaxdiff.checkpoint import CheckpointError
     from jaxdiff.cli import UsageError, check_output
     from jaxdiff.train.config import ConfigError
     from jaxdiff.train.loop import export
@@ -60,7 +61,7 @@ def cmd_export(args) -> None:
         out = export(
             args.workdir, args.out, use_ema=not args.no_ema, step=args.step, overwrite=args.force
         )
-    except (FileNotFoundError, FileExistsError, ConfigError) as e:
+    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     print(f"wrote {out}")
 
