@@ -175,6 +175,24 @@ def test_overrides_are_typed():
             apply_overrides(TrainConfig(), [bad])
 
 
+def test_a_config_file_that_fails_is_named_in_one_error(tmp_path):
+    """A file without the .py suffix failed inside importlib (a spec of None); an exception in
+    get_config() itself was a traceback."""
+    cases = [
+        ("noext", "get_config = lambda: TrainConfig()", "NameError: name 'TrainConfig'"),
+        ("raises.py", "def get_config():\n    return 1 / 0\n", "ZeroDivisionError"),
+        ("plain", "from jaxdiff.train.config import TrainConfig\nget_config = TrainConfig", None),
+    ]
+    for name, text, message in cases:
+        (tmp_path / name).write_text(text)
+        if message is None:
+            assert load_config(tmp_path / name, ["steps=3"]).steps == 3
+            continue
+        with pytest.raises(ConfigError) as e:
+            load_config(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {message}"), e.value
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

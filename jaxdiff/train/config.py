@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -292,19 +293,21 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"no such config file: {path}")
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
+    name = f"_jaxdiff_config_{path.stem}"
     try:
-        spec = importlib.util.spec_from_file_location(f"_jaxdiff_config_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # Read as Python source whatever its suffix (a spec from the file name alone needs .py).
+        loader = importlib.machinery.SourceFileLoader(name, str(path))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+        loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: defines no get_config()")
+        config = module.get_config()
     except ConfigError:
         raise
     except Exception as e:  # a broken config file: name it in one line
         raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(folder)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: defines no get_config()")
-    config = module.get_config()
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not TrainConfig")
     return apply_overrides(config, list(overrides))
