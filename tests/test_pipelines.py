@@ -296,6 +296,35 @@ def test_inpainting_keeps_the_unmasked_region(pipe):
     assert np.abs(latents[:, ~keep] - reference[:, ~keep]).max() > 0.1  # the middle was repainted
 
 
+def test_images_and_masks_come_as_pil_uint8_bool_or_floats_in_0_1(pipe):
+    """A PIL image or a uint8 array (0-255) was used as floats as it stood, 255 times too
+    bright, without a word; a float array outside [0, 1] is now refused."""
+    from PIL import Image
+
+    from jaxdiff.pipelines.images import ImageInputError
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cut = np.zeros((32, 32), bool)
+    cut[8:24, 8:24] = True
+    as_floats = dict(image=pixels / np.float32(255), mask=cut.astype(np.float32))
+    expected = pipe.inpaint("x", strength=0.7, seed=1, **as_floats, **KW).images
+    for image, mask in [
+        (Image.fromarray(pixels), Image.fromarray(cut.astype(np.uint8) * 255)),
+        (pixels, cut.astype(np.uint8) * 255),
+        (pixels, cut),
+    ]:
+        got = pipe.inpaint("x", image=image, mask=mask, strength=0.7, seed=1, **KW).images
+        np.testing.assert_array_equal(got, expected)
+    for bad, message in [
+        (pixels.astype(np.float32), r"image values must be in \[0, 1\], got \[0, 255\]"),
+        (pixels / 127.5 - 1, r"image values must be in \[0, 1\], got \[-1, 1\]"),
+        (pixels.astype(np.int64), "image has dtype int64"),
+    ]:
+        with pytest.raises(ImageInputError, match=message):
+            pipe.img2img("x", bad, strength=0.5, **KW)
+
+
 def test_img2img_strength_zero_is_the_vae_round_trip(pipe):
     from jaxdiff.models.build import module_for
 

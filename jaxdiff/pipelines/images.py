@@ -27,11 +27,43 @@ def read_image(path, *, mode: str = "RGB") -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if mode == "L" and im.mode in ("RGBA", "LA"):
-                im = im.getchannel("A") if _alpha_is_mask(im) else im.convert("L")
-            array = np.asarray(im.convert(mode), np.float32) / 255.0
+            return _from_pil(im, mode)
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"{path}: not a readable image ({e})") from None
+
+
+def _from_pil(im, mode: str) -> np.ndarray:
+    if mode == "L" and im.mode in ("RGBA", "LA"):
+        im = im.getchannel("A") if _alpha_is_mask(im) else im.convert("L")
+    array = np.asarray(im.convert(mode), np.float32) / 255.0
+    return array[..., None] if array.ndim == 2 else array
+
+
+def as_image(value, *, mode: str = "RGB", what: str = "image") -> np.ndarray:
+    """An image as the pipelines take it: a path, a PIL image, a uint8 array (0-255), a bool
+    array (a mask) or a float array in [0, 1] -> float32 [H, W, C] in [0, 1] (C = 3 for RGB, 1
+    for a mask, `mode` "L"). A float array outside [0, 1] (0-255, or [-1, 1]) is refused: it
+    was used as it stood, a wrong image without a word."""
+    if isinstance(value, (str, Path)):
+        return read_image(value, mode=mode)
+    if isinstance(value, Image.Image):
+        return _from_pil(value, mode)
+    array = np.asarray(value)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not 0.0 <= low <= high <= 1.0:  # nan fails too
+            raise ImageInputError(
+                f"{what} values must be in [0, 1], got [{low:g}, {high:g}] (give a float array "
+                "in [0, 1], a uint8 array or a PIL image)"
+            )
+    else:
+        raise ImageInputError(
+            f"{what} has dtype {array.dtype}: give a float array in [0, 1], a uint8 array or a "
+            "PIL image"
+        )
     return array[..., None] if array.ndim == 2 else array
 
 

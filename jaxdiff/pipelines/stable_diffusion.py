@@ -459,20 +459,20 @@ class StableDiffusion:
         return result
 
     def img2img(self, prompt, image, *, strength: float = 0.8, **kw) -> GenerationResult:
-        """Image-to-image: `image` float [H, W, 3] in [0, 1] (or a path); `strength` in [0, 1]."""
+        """Image-to-image: `image` a path, a PIL image, uint8 [H, W, 3] or float [H, W, 3] in
+        [0, 1]; `strength` in [0, 1]."""
         return self._run("img2img", prompt, image=image, strength=strength, **kw)
 
     def inpaint(self, prompt, image, mask, *, strength: float = 1.0, **kw) -> GenerationResult:
-        """Repaint where `mask` (float [H, W] or [H, W, 1], or a path; white = repaint) is set."""
+        """Repaint where `mask` (a path, a PIL image, or [H, W] or [H, W, 1] of floats in [0,
+        1], uint8 or bool; white = repaint) is set; `image` as for `img2img`."""
         return self._run("inpaint", prompt, image=image, mask=mask, strength=strength, **kw)
 
     def outpaint(self, prompt, image, extend, **kw) -> GenerationResult:
         """Extend the canvas by (left, top, right, bottom) pixels and paint the new area."""
-        from jaxdiff.pipelines.images import read_image
+        from jaxdiff.pipelines.images import as_image
 
-        image = (
-            read_image(image) if isinstance(image, (str, Path)) else np.asarray(image, np.float32)
-        )
+        image = as_image(image)
         canvas, mask = extend_canvas(image, extend, self.factor)
         return self._run("inpaint", prompt, image=canvas, mask=mask, strength=1.0, **kw)
 
@@ -578,7 +578,7 @@ class StableDiffusion:
         output: str = "images",
         lower_only: bool = False,
     ) -> GenerationResult:
-        from jaxdiff.pipelines.images import binarize_mask, read_image
+        from jaxdiff.pipelines.images import as_image, binarize_mask
 
         if prompt is None or isinstance(prompt, str):
             prompts = [prompt or ""] * batch
@@ -605,11 +605,7 @@ class StableDiffusion:
 
         inputs: dict[str, Any] = {}
         if image is not None:
-            image = (
-                read_image(image)
-                if isinstance(image, (str, Path))
-                else np.asarray(image, np.float32)
-            )
+            image = as_image(image)
             if image.ndim != 3 or image.shape[-1] != 3:
                 raise PipelineInputError(f"image must be [H, W, 3], got shape {image.shape}")
             height, width = image.shape[:2]
@@ -631,12 +627,7 @@ class StableDiffusion:
                 np.float32
             )
         if mask is not None:
-            mask = (
-                read_image(mask, mode="L")
-                if isinstance(mask, (str, Path))
-                else np.asarray(mask, np.float32)
-            )
-            mask = mask[..., None] if mask.ndim == 2 else mask
+            mask = as_image(mask, mode="L", what="mask")
             if mask.shape[:2] != (height, width):
                 raise PipelineInputError(
                     f"mask is {mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}: they must match"
