@@ -3,6 +3,7 @@ would give them."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_a_folder_without_write_permission_is_refused(tmp_path):
 def _blocked_commands(tmp):
     """Each command that writes, given an output below a file (`tmp`/a-file)."""
     out = f"{tmp}/a-file/out"
-    repo = __import__("pathlib").Path(__file__).parents[1]
+    repo = Path(__file__).parents[1]
     return {
         "generate": ["generate", "p", "--out", f"{out}.png"],
         "img2img": ["img2img", "p", "--image", f"{tmp}/a.png", "--strength", ".5", "--out", out],
