@@ -474,7 +474,7 @@ def test_cli_writes_pngs_with_parameters_and_a_grid(tmp_path, model_dir):
         # Before these were checked, 0 gave the default size, -16 a traceback.
         (["--width", "-16"], "--width must be >= 1, got -16"),
         (["--height", "0"], "--height must be >= 1, got 0"),
-        # nan and inf gave a black or noisy image without a word.
+        # nan turned guidance off (nan > 1 is false) and inf gave a black image, without a word.
         (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
         (["--guidance-rescale", "inf"], "--guidance-rescale must be a finite number, got inf"),
         (["--eta", "-1"], "--eta must be >= 0, got -1.0"),
