@@ -17,12 +17,12 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
-MAX_SEED = 2**32 - 1  # jaxdiff.pipelines.stable_diffusion.MAX_SEED, without importing jax
-
-
 def seed_arg(text: str) -> int:
-    """argparse's type for a seed: an integer in [0, 2**32 - 1] (numpy's and jaxdiff's
-    generators take no negative seed; larger ones would wrap onto smaller ones)."""
+    """argparse's type for a seed: an integer in [0, MAX_SEED] (numpy's and jaxdiff's generators
+    take no negative seed; larger ones would wrap onto smaller ones). Called only for a seed
+    given, by commands that import jax anyway."""
+    from jaxdiff.pipelines.stable_diffusion import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:
@@ -232,9 +232,7 @@ def _outputs(args) -> list:
         if args.batch > 1:
             paths.append(paths[0].with_name(paths[0].name.rsplit("-", 1)[0] + "-grid.png"))
     for p in paths:
-        if not args.force and p.exists():
-            raise UsageError(f"{p} already exists (pass --force to overwrite)")
-        check_output(p)
+        check_output(p, force=args.force)
     return paths
 
 

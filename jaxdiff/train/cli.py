@@ -68,14 +68,12 @@ def cmd_export(args) -> None:
 
 def register(subparsers) -> None:
     """Adds `train` and `export` to the `jaxdiff` command's subparsers."""
-    from jaxdiff.cli import seed_arg
-
     s = subparsers.add_parser("train", help="train a model from a config file in configs/")
     s.add_argument("config", help="a Python config file (configs/tiny.py)")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
     s.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     s.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval")
-    s.add_argument("--seed", type=seed_arg, default=None)
+    s.add_argument("--seed", type=int, default=None)  # checked with the config
     s.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
     )

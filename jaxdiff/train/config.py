@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from jaxdiff.pipelines.stable_diffusion import MAX_SEED
 from jaxdiff.sharding import DEFAULT_MIN_SHARD_SIZE, DEFAULT_RULES
 
 TASKS = ("unet", "vae")
@@ -33,6 +34,8 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message is one line."""
 
 
+AT_LEAST_ONE = ("steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum")
+AT_LEAST_ONE += ("resolution", "sample_steps", "num_samples")
 # Fields that are off at 0 or count something: never negative.
 NON_NEGATIVE = (
     "learning_rate",
@@ -160,10 +163,7 @@ class TrainConfig:
             )
         if self.schedule_steps < 0:
             raise ConfigError(f"schedule_steps={self.schedule_steps} must be >= 0 (0 = steps)")
-        for name in ("steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("resolution", "sample_steps", "num_samples"):
+        for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         # A nan or inf learning rate (or any other) diverged at the first step, after compiling.
@@ -179,8 +179,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} is not in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} is not in [0, 1]")
-        if not 0 <= self.seed <= 2**32 - 1:
-            raise ConfigError(f"seed={self.seed} must be in [0, {2**32 - 1}]")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed={self.seed} must be in [0, {MAX_SEED}]")
 
     @property
     def micro_batch_size(self) -> int:
